@@ -1,0 +1,1 @@
+"""AToP clients (issue: clients and containerized deployment). Must never import torch."""

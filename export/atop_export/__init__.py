@@ -1,0 +1,1 @@
+"""AToP exporter: trained checkpoints to an ONNX model repository (issue: the exporter)."""

@@ -1,0 +1,1 @@
+"""AToP models: random transforms, purifier, classifiers, defended pipeline, trainer."""

@@ -1,0 +1,3 @@
+from atop_models.registry import Registry
+
+CLASSIFIERS = Registry("classifier")

@@ -1,0 +1,1 @@
+"""AToP gRPC inference server (issue: the gRPC inference server). Must never import torch."""
