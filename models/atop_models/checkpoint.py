@@ -20,10 +20,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from atop_models.classifiers import CLASSIFIERS
+from atop_models.discriminator import DISCRIMINATORS
 from atop_models.purifiers import PURIFIERS
 
 FORMAT = "atop-checkpoint/1"
-_BUILDERS = {"classifier": CLASSIFIERS, "purifier": PURIFIERS}
+_BUILDERS = {"classifier": CLASSIFIERS, "purifier": PURIFIERS, "discriminator": DISCRIMINATORS}
 
 
 def _atomic_write(path: Path, write: Any) -> None:

@@ -10,6 +10,10 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from atop_models.registry import Registry
+
+DISCRIMINATORS = Registry("discriminator")
+
 
 class SNPatchGAN(nn.Module):
     def __init__(self, cnum: int = 64, layers: int = 6, negative_slope: float = 0.2) -> None:
@@ -23,6 +27,11 @@ class SNPatchGAN(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x: [B,3,H,W] in [0,1]; mask: [B,1,H,W]. Returns patch scores flattened to [B, P]."""
         return self.body(torch.cat([x * 2.0 - 1.0, mask], dim=1)).flatten(1)
+
+
+@DISCRIMINATORS.register("sn_patchgan")
+def sn_patchgan(**kwargs: object) -> SNPatchGAN:
+    return SNPatchGAN(**kwargs)  # type: ignore[arg-type]
 
 
 def hinge_d_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ here is ever shared across a batch. Pass an explicit ``torch.Generator`` to make
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -16,9 +16,13 @@ from torch import nn
 
 @dataclass(frozen=True)
 class RTConfig:
-    noise_sigma: float = 0.25  # std of the Gaussian noise on the [0,1] pixel scale; 0 disables the noise (RT1)
-    grid: int = 8  # the image is cut into grid x grid blocks; image size must be a multiple of it
-    mask_fraction: float = 0.25  # fraction of the blocks masked in every image (exact, not on average)
+    noise_sigma: float = field(
+        default=0.25, metadata={"help": "std of the Gaussian noise on the [0,1] pixel scale; 0 = no noise (RT1)"}
+    )
+    grid: int = field(default=8, metadata={"help": "the image is cut into grid x grid blocks (size must divide)"})
+    mask_fraction: float = field(
+        default=0.25, metadata={"help": "fraction of the blocks masked in every image (exactly, not on average)"}
+    )
 
     def __post_init__(self) -> None:
         if self.noise_sigma < 0:

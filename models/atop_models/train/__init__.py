@@ -1,0 +1,1 @@
+"""`atop-train classifier | pretrain | finetune`: the offline trainer."""

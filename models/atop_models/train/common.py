@@ -1,0 +1,30 @@
+"""Config pieces shared by the training commands."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from atop_models.data import ImageArrays, load_split
+from atop_models.train.options import help_field
+
+DEFAULT_DATA = "../shared/datasets/cifar10-jpg.tar.gz"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = help_field(
+        DEFAULT_DATA, "ImageFolder folder with train/ and test/, a .tar(.gz) of one, or cifar10 / cifar100 (download)"
+    )
+    cache_dir: str = help_field(".data", "where archives are extracted and decoded arrays cached (git-ignored)")
+    size: int = help_field(32, "pixels; images are decoded and kept in memory at this size")
+    train_images: int = help_field(0, "0 = the whole train split; N = a class-balanced subset (quick runs, tests)")
+    eval_images: int = help_field(1000, "test images evaluated after each epoch; 0 = the whole test split")
+
+    def load(self) -> tuple[ImageArrays, ImageArrays]:
+        train = load_split(self.source, "train", self.size, self.cache_dir)
+        test = load_split(self.source, "test", self.size, self.cache_dir)
+        if self.train_images:
+            train = train.subset(self.train_images)
+        if self.eval_images:
+            test = test.subset(self.eval_images)
+        return train, test

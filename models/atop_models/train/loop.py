@@ -1,0 +1,91 @@
+"""The one epoch loop every training command shares: steps, progress, metrics, checkpoints, resume.
+
+A task (classifier, pretrain, finetune) supplies `train_step`, `end_epoch` (evaluate, save artifacts; rank 0)
+and `state_dict` / `load_state_dict` (everything needed to continue). The loop saves the whole state every
+`checkpoint_minutes` and at each epoch's end, so an interrupted run resumes mid-epoch, at the batch it
+reached: the loader's order depends only on (seed, epoch), and the RNG is reseeded from the position.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+import torch
+from tqdm import tqdm
+
+from atop_models.checkpoint import load_state, save_state
+from atop_models.data import BatchLoader
+from atop_models.train.runtime import RunDir, Runtime, seed_everything
+
+
+class Task(Protocol):
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, float]: ...
+    def end_epoch(self, epoch: int) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def _reseed(seed: int, runtime: Runtime, epoch: int, batch: int) -> None:
+    """Distinct streams per rank, reproducible per position (so a resumed run draws like a fresh one)."""
+    seed_everything(seed * 1_000_003 + runtime.rank * 7_919 + epoch * 104_729 + batch)
+
+
+def fit(
+    task: Task,
+    loader: BatchLoader,
+    run: RunDir,
+    runtime: Runtime,
+    epochs: int,
+    seed: int,
+    checkpoint_minutes: float,
+    resume: bool,
+) -> list[dict[str, Any]]:
+    start_epoch, start_batch, sums = 0, 0, {}
+    if resume:
+        state = load_state(run.state_path)
+        task.load_state_dict(state["task"])
+        start_epoch, start_batch, sums = state["epoch"], state["batch"], state["sums"]
+
+    def save(epoch: int, batch: int, sums: dict[str, float]) -> None:
+        if runtime.is_main:
+            save_state(run.state_path, {"task": task.state_dict(), "epoch": epoch, "batch": batch, "sums": sums})
+
+    history = []
+    last_save = time.monotonic()
+    for epoch in range(start_epoch, epochs):
+        loader.set_epoch(epoch)
+        _reseed(seed, runtime, epoch, start_batch)
+        started = time.monotonic()
+        bar = tqdm(
+            total=len(loader), initial=start_batch, desc=f"epoch {epoch + 1}/{epochs}", disable=not runtime.is_main
+        )
+        for batch, (x, y) in enumerate(loader):
+            if batch < start_batch:
+                continue  # resuming mid-epoch: the same order, already-done batches skipped
+            for key, value in task.train_step(x, y, epoch).items():
+                sums[key] = sums.get(key, 0.0) + value
+            bar.update()
+            bar.set_postfix({k: f"{v / (batch + 1):.4f}" for k, v in list(sums.items())[:3]})
+            if time.monotonic() - last_save > checkpoint_minutes * 60:
+                save(epoch, batch + 1, sums)
+                last_save = time.monotonic()
+        bar.close()
+        seconds = time.monotonic() - started
+        images = (len(loader) - start_batch) * loader.config.batch_size * runtime.world_size
+        metrics = {
+            "epoch": epoch + 1,
+            **runtime.mean({f"train_{k}": v / len(loader) for k, v in sums.items()}),
+            "train_seconds": round(seconds, 2),
+            "train_images_per_second": round(images / max(seconds, 1e-9), 1),
+            "world_size": runtime.world_size,
+            "steps_per_epoch": len(loader),
+        }
+        metrics.update(task.end_epoch(epoch))
+        runtime.barrier()
+        run.log(metrics)
+        history.append(metrics)
+        start_batch, sums = 0, {}
+        save(epoch + 1, 0, {})
+        last_save = time.monotonic()
+    return history

@@ -1,0 +1,60 @@
+"""Frozen config dataclasses <-> argparse options, so every hyperparameter is declared once, with its help.
+
+Each field's `metadata["help"]` is its unit and reason; nested dataclasses become prefixed options
+(`rt: RTConfig` -> `--rt-noise-sigma`). Tuples take several values; dicts take a JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from typing import Any
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+    for f in dataclasses.fields(cls):
+        kind = _hints(cls)[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if dataclasses.is_dataclass(kind):
+            add_options(parser, kind, f"{prefix}{f.name}_")
+            continue
+        flag = "--" + (prefix + f.name).replace("_", "-")
+        helptext = f"{f.metadata.get('help', '')} (default: {default})"
+        dest = prefix + f.name
+        origin = typing.get_origin(kind)
+        if kind is bool:
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=helptext)
+        elif origin is tuple:
+            item = typing.get_args(kind)[0]
+            parser.add_argument(flag, dest=dest, type=item, nargs="+", default=default, help=helptext)
+        elif kind is dict or origin is dict:
+            parser.add_argument(flag, dest=dest, type=json.loads, default=default, help=helptext + " (JSON)")
+        elif origin is typing.Literal:
+            parser.add_argument(flag, dest=dest, choices=typing.get_args(kind), default=default, help=helptext)
+        else:
+            parser.add_argument(flag, dest=dest, type=kind, default=default, help=helptext)
+
+
+def from_options(cls: type, args: argparse.Namespace, prefix: str = "") -> Any:
+    values = {}
+    for f in dataclasses.fields(cls):
+        kind = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(kind):
+            values[f.name] = from_options(kind, args, f"{prefix}{f.name}_")
+        else:
+            value = getattr(args, prefix + f.name)
+            values[f.name] = tuple(value) if typing.get_origin(kind) is tuple else value
+    return cls(**values)
+
+
+def help_field(default: Any, help: str) -> Any:  # noqa: A002 (mirrors argparse's name)
+    """A dataclass field with its help text; mutable defaults (dicts) get a factory."""
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=lambda: dict(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})

@@ -1,0 +1,269 @@
+"""`atop-train pretrain` and `atop-train finetune`: the purifier's GAN training, without and with AToP.
+
+pretrain: the purifier learns to undo RT (noise + holes): L1 on both stages to the clean image + hinge GAN
+loss against an SN-PatchGAN, whose gradient reaches the generator (upstream defect 1).
+finetune (AToP): the classifier is frozen; the purifier's input is RT(x_adv) and its loss gains
+lambda * CE(f(G(RT(x_adv))), y). x_adv is PGD with EOT over RT draws through the WHOLE current pipeline
+(default), or FGSM on the bare classifier (the paper's mode, kept to reproduce it; a transfer attack).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.utils import save_image
+
+from atop_models.attacks import FGSM, PGD, EOTGradient
+from atop_models.checkpoint import load_model, paths, save_model
+from atop_models.data import BatchLoader, ImageArrays, LoaderConfig
+from atop_models.discriminator import DISCRIMINATORS, hinge_d_loss, hinge_g_loss
+from atop_models.evaluate import accuracy
+from atop_models.pipeline import DefendedClassifier, PipelineConfig
+from atop_models.purifiers import PURIFIERS
+from atop_models.rt import RandomTransform, RTConfig
+from atop_models.train.common import DataConfig
+from atop_models.train.options import help_field
+from atop_models.train.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class PurifierTrainConfig:
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    rt: RTConfig = dataclasses.field(default_factory=RTConfig)
+    image_size: int = help_field(32, "pixels; must be divisible by the RT grid and by 8 (the purifier's strides)")
+    output: Literal["full", "composite"] = help_field("full", "what the classifier sees: the whole purifier output, "
+                                                      "or only its holes pasted into the RT'd image")
+    epochs: int = help_field(10, "passes over the train split")
+    batch_size: int = help_field(64, "images per step per process (upstream: 8 at 256 px)")
+    lr: float = help_field(1e-4, "Adam learning rate of generator and discriminator (paper)")
+    beta1: float = help_field(0.5, "Adam beta1 (paper; GAN training prefers short momentum)")
+    beta2: float = help_field(0.999, "Adam beta2 (paper)")
+    l1_coarse_weight: float = help_field(1.0, "weight of L1(coarse, x) on the [-1,1] scale (paper: 1)")
+    l1_refine_weight: float = help_field(1.0, "weight of L1(refined, x) on the [-1,1] scale (paper: 1)")
+    gan_weight: float = help_field(1.0, "weight of the generator's hinge GAN loss (paper: 1)")
+    classifier: str = help_field("", "classifier checkpoint; pretrain: optional, to report pipeline accuracy")
+    seed: int = help_field(0, "seeds data order, init, RT draws and attacks")
+
+
+@dataclass(frozen=True)
+class PretrainConfig(PurifierTrainConfig):
+    arch: str = help_field("deepfillv2", "purifier architecture")
+    cnum: int = help_field(32, "generator width (DeepFillv2: 48; 32 is ~2x cheaper at 32 px)")
+    dilations: tuple[int, ...] = help_field((2, 4, 8, 16), "dilation of each bottleneck convolution")
+    disc_cnum: int = help_field(64, "discriminator base width")
+    disc_layers: int = help_field(4, "discriminator stride-2 layers (DeepFillv2: 6 at 256 px; 4 at 32 px)")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(PurifierTrainConfig):
+    purifier: str = help_field("", "pretrained purifier checkpoint to fine-tune (required)")
+    discriminator: str = help_field("", "discriminator checkpoint; default: the one beside --purifier")
+    ce_weight: float = help_field(0.05, "lambda: weight of CE(f(G(RT(x_adv))), y) (paper: 0.05)")
+    ce_warmup_epochs: int = help_field(2, "epochs of plain GAN + L1 training on clean inputs first (upstream: 2)")
+    attack: Literal["pgd-pipeline", "fgsm-classifier"] = help_field(
+        "pgd-pipeline", "how x_adv is made: PGD-EOT through the whole pipeline, or FGSM on the bare classifier"
+    )
+    epsilon: float = help_field(8 / 255, "l_inf radius of x_adv on the [0,1] scale")
+    attack_steps: int = help_field(10, "PGD steps per batch (pgd-pipeline)")
+    attack_step_size: float = help_field(2 / 255, "PGD step size on the [0,1] scale")
+    attack_eot: int = help_field(1, "RT draws averaged per PGD gradient (fresh draws every step as well)")
+    eval_robust_images: int = help_field(64, "test images attacked (PGD-EOT through the pipeline) after each epoch")
+
+
+def _l1(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return 2.0 * (prediction - target).abs().mean()  # x2: the [-1,1] scale that upstream's loss weights assume
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+class PurifierTask:
+    def __init__(
+        self,
+        config: PurifierTrainConfig,
+        runtime: Runtime,
+        test: ImageArrays,
+        out: Path,
+        generator: tuple[nn.Module, str, dict],
+        discriminator: tuple[nn.Module, str, dict],
+        classifier: tuple[nn.Module, dict] | None,
+        lineage: dict[str, Any],
+    ) -> None:
+        self.config, self.runtime, self.test, self.out, self.lineage = config, runtime, test, out, lineage
+        device = runtime.device
+        (self.G, self.g_arch, self.g_kwargs) = (generator[0].to(device), generator[1], generator[2])
+        (self.D, self.d_arch, self.d_kwargs) = (discriminator[0].to(device), discriminator[1], discriminator[2])
+        self.G_train, self.D_train = runtime.wrap(self.G), runtime.wrap(self.D)
+        betas = (config.beta1, config.beta2)
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=config.lr, betas=betas)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=config.lr, betas=betas)
+        self.rt = RandomTransform(config.rt)
+        self.classifier, self.pipeline = None, None
+        if classifier is not None:
+            self.classifier = _frozen(classifier[0].to(device))
+            self.classes = classifier[1]["classes"]
+            self.pipeline = DefendedClassifier(self.rt, self.G, self.classifier, PipelineConfig(config.output))
+
+    # -- the AToP part ---------------------------------------------------------------------------------
+    def ce_active(self, epoch: int) -> bool:
+        return isinstance(self.config, FinetuneConfig) and epoch >= self.config.ce_warmup_epochs
+
+    def attack(self, kind: str, steps: int | None = None) -> PGD:
+        config = self.config
+        assert isinstance(config, FinetuneConfig) and self.pipeline is not None and self.classifier is not None
+        if kind == "fgsm-classifier":
+            return FGSM(EOTGradient(self.classifier), config.epsilon)
+        gradient = EOTGradient(self.pipeline, config.attack_eot)
+        return PGD(gradient, config.epsilon, config.attack_step_size, steps or config.attack_steps)
+
+    def compose(self, x_rt: torch.Tensor, mask: torch.Tensor, refined: torch.Tensor) -> torch.Tensor:
+        if self.config.output == "composite":
+            return x_rt * (1.0 - mask) + refined * mask
+        return refined
+
+    # -- one step ----------------------------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, float]:
+        ce_on = self.ce_active(epoch)
+        x_in = self.attack(self.config.attack)(x, y) if ce_on else x  # type: ignore[attr-defined]
+        self.G_train.train()
+        self.D_train.train()
+        x_rt, mask = self.rt(x_in)
+        coarse, refined = self.G_train(x_rt, mask)
+        out = self.compose(x_rt, mask, refined)
+
+        # Discriminator: real = clean image, fake = purifier output, one batch so DDP syncs once.
+        scores = self.D_train(torch.cat([x, out.detach()]), torch.cat([mask, mask]))
+        d_loss = hinge_d_loss(*scores.chunk(2))
+        self.opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.opt_d.step()
+
+        # Generator: the GAN term is NOT detached, so its gradient reaches G; D is held fixed for it.
+        self.D.requires_grad_(False)
+        g_gan = hinge_g_loss(self.D(out, mask))
+        self.D.requires_grad_(True)
+        l1_coarse, l1_refine = _l1(coarse, x), _l1(refined, x)
+        loss = self.config.gan_weight * g_gan
+        loss = loss + self.config.l1_coarse_weight * l1_coarse + self.config.l1_refine_weight * l1_refine
+        metrics = {"d_loss": d_loss.item(), "g_gan": g_gan.item(), "l1_coarse": l1_coarse.item(),
+                   "l1_refine": l1_refine.item()}
+        if ce_on:
+            assert self.classifier is not None and isinstance(self.config, FinetuneConfig)
+            logits = self.classifier(out)
+            ce = F.cross_entropy(logits, y)
+            loss = loss + self.config.ce_weight * ce
+            metrics |= {"ce_adv": ce.item(), "accuracy_adv": (logits.argmax(1) == y).float().mean().item()}
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_g.step()
+        return metrics | {"g_loss": loss.item()}
+
+    # -- evaluation and artifacts -------------------------------------------------------------------------
+    @torch.no_grad()
+    def _reconstruction(self) -> tuple[float, torch.Tensor]:
+        loader_config = LoaderConfig(batch_size=250, image_size=self.config.image_size, shuffle=False, drop_last=False)
+        total, grid = 0.0, None
+        for x, _ in BatchLoader(self.test, loader_config, self.runtime.device):
+            x_rt, mask = self.rt(x)
+            out = self.compose(x_rt, mask, self.G(x_rt, mask)[1])
+            total += float((out - x).abs().mean()) * len(x)
+            if grid is None:
+                grid = torch.cat([x[:8], x_rt[:8], out[:8]])
+        assert grid is not None
+        return total / len(self.test), grid
+
+    def end_epoch(self, epoch: int) -> dict[str, Any]:
+        if not self.runtime.is_main:
+            return {}
+        self.G.eval()
+        device, size = self.runtime.device, self.config.image_size
+        l1, grid = self._reconstruction()
+        save_image(grid, self.out / "samples.png", nrow=8)  # rows: clean, after RT, purified
+        metrics: dict[str, Any] = {"test_l1": l1, "eval_images": len(self.test)}
+        if self.pipeline is not None:
+            metrics["pipeline_accuracy"] = accuracy(self.pipeline, self.test, device, size)
+        if isinstance(self.config, FinetuneConfig) and self.config.eval_robust_images:
+            metrics |= self._robust_accuracy()
+        self._save(epoch, metrics)
+        return metrics
+
+    def _robust_accuracy(self) -> dict[str, Any]:
+        """A quick adaptive check: PGD-EOT through the whole pipeline on a few test images."""
+        config = self.config
+        assert isinstance(config, FinetuneConfig) and self.pipeline is not None
+        subset = self.test.subset(config.eval_robust_images)
+        loader_config = LoaderConfig(batch_size=64, image_size=config.image_size, shuffle=False, drop_last=False)
+        attack, correct = self.attack("pgd-pipeline"), 0
+        for x, y in BatchLoader(subset, loader_config, self.runtime.device):
+            x_adv = attack(x, y)
+            with torch.no_grad():
+                correct += int((self.pipeline(x_adv).argmax(1) == y).sum())
+        name = f"robust_accuracy_pgd{config.attack_steps}_eot{config.attack_eot}"
+        return {name: correct / len(subset), "robust_images": len(subset)}
+
+    def _save(self, epoch: int, metrics: dict[str, Any]) -> None:
+        common = {
+            "image_size": self.config.image_size,
+            "recipe": {"command": type(self.config).__name__, **dataclasses.asdict(self.config)},
+            "metrics": {"epoch": epoch + 1, **metrics},
+            "lineage": self.lineage,
+        }
+        extra = {"rt": self.config.rt.to_dict(), "pipeline": dataclasses.asdict(PipelineConfig(self.config.output))}
+        if self.classifier is not None:
+            extra["classes"] = self.classes
+        save_model(self.out / "purifier", self.G, "purifier", self.g_arch, self.g_kwargs, **common, **extra)
+        save_model(self.out / "discriminator", self.D, "discriminator", self.d_arch, self.d_kwargs, **common)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"G": self.G.state_dict(), "D": self.D.state_dict(), "opt_g": self.opt_g.state_dict(),
+                "opt_d": self.opt_d.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.G.load_state_dict(state["G"])
+        self.D.load_state_dict(state["D"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+
+
+def _load_classifier(path: str, image_size: int) -> tuple[nn.Module, dict]:
+    model, record = load_model(path, "classifier")
+    if record["image_size"] != image_size:
+        raise SystemExit(f"classifier {path} was trained at {record['image_size']} px, the pipeline runs at {image_size}")
+    return model, record
+
+
+def build(config: PurifierTrainConfig, runtime: Runtime, out: Path) -> tuple[PurifierTask, BatchLoader]:
+    train, test = config.data.load()
+    loader_config = LoaderConfig(batch_size=config.batch_size, image_size=config.image_size)
+    loader = BatchLoader(train, loader_config, runtime.device, config.seed, runtime.rank, runtime.world_size)
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    classifier = _load_classifier(config.classifier, config.image_size) if config.classifier else None
+    lineage: dict[str, Any] = {}
+    if classifier is not None:
+        lineage["classifier"] = {"path": config.classifier, "sha256": classifier[1]["weights_sha256"]}
+    if isinstance(config, PretrainConfig):
+        g_kwargs = {"cnum": config.cnum, "dilations": list(config.dilations)}
+        d_kwargs = {"cnum": config.disc_cnum, "layers": config.disc_layers}
+        generator = (PURIFIERS.create(config.arch, **g_kwargs), config.arch, g_kwargs)
+        discriminator = (DISCRIMINATORS.create("sn_patchgan", **d_kwargs), "sn_patchgan", d_kwargs)
+    elif isinstance(config, FinetuneConfig):
+        if not config.purifier or classifier is None:
+            raise SystemExit("finetune needs --purifier (a pretrained purifier) and --classifier")
+        g_model, g_record = load_model(config.purifier, "purifier")
+        d_path = config.discriminator or paths(config.purifier)[0].with_name("discriminator")
+        d_model, d_record = load_model(d_path, "discriminator")
+        generator = (g_model, g_record["arch"], g_record["arch_kwargs"])
+        discriminator = (d_model, d_record["arch"], d_record["arch_kwargs"])
+        lineage["pretrained_purifier"] = {"path": config.purifier, "sha256": g_record["weights_sha256"]}
+    else:
+        raise TypeError(f"unknown purifier config {type(config).__name__}")
+    return PurifierTask(config, runtime, test, out, generator, discriminator, classifier, lineage), loader

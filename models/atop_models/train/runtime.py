@@ -1,0 +1,132 @@
+"""Where a run executes (device, DDP rank) and where it writes (config, metrics, states, artifacts)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """DDP-wrap a trained module when running under torchrun; the module itself otherwise."""
+        if not self.distributed:
+            return model
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Average scalar metrics over ranks (every rank must call it with the same keys)."""
+        if not self.distributed or not values:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return {k: v / self.world_size for k, v in zip(keys, t.tolist(), strict=True)}
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def setup_runtime(device: str = "auto") -> Runtime:
+    """Pick the device ('auto': CUDA when present, else CPU) and join the process group torchrun set up.
+
+    torchrun exports RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on CPU (so DDP tests run on CPU).
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
+        torch.backends.cudnn.benchmark = True
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Runtime(dev, rank, world_size)
+
+
+def teardown_runtime(runtime: Runtime) -> None:
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RunDir:
+    """A run's folder: config.json (what was asked), metrics.jsonl (one line per epoch), state.safetensors
+    (everything needed to resume), and the model artifacts. Only rank 0 writes."""
+
+    def __init__(self, path: str | Path, runtime: Runtime) -> None:
+        self.path = Path(path)
+        self.runtime = runtime
+        self.state_path = self.path / "state.safetensors"
+        self.metrics_path = self.path / "metrics.jsonl"
+
+    def start(self, command: str, config: Any, restart: bool) -> bool:
+        """Record the config; returns whether to resume. A run folder only resumes the same config."""
+        record = {"command": command, "config": dataclasses.asdict(config)}
+        config_path = self.path / "config.json"
+        resume = self.state_path.exists() and not restart
+        if resume:
+            previous = json.loads(config_path.read_text())
+            if json.loads(json.dumps(record)) != previous:
+                raise SystemExit(
+                    f"{self.path} holds a run with another config; pass --restart to overwrite it or use another --out"
+                )
+        if self.runtime.is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                self.metrics_path.unlink(missing_ok=True)
+                self.state_path.unlink(missing_ok=True)
+            config_path.write_text(json.dumps(record, indent=2) + "\n")
+        self.runtime.barrier()
+        return resume
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        if self.runtime.is_main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
