@@ -103,7 +103,11 @@ def _load_folder(folder: Path, size: int, workers: int) -> ImageArrays:
     files, labels, classes = list_image_folder(folder)
     with ThreadPoolExecutor(workers) as pool:
         decoded = list(
-            tqdm(pool.map(lambda p: decode_image(p, size), files), total=len(files), desc=f"decode {folder.name}")
+            tqdm(
+                pool.map(lambda p: decode_image(p, size), files),
+                total=len(files),
+                desc=f"decode {folder.name}",
+            )
         )
     images = torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous()
     return ImageArrays(images, torch.tensor(labels, dtype=torch.long), classes)
@@ -208,7 +212,7 @@ class BatchLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self):  # noqa: ANN204 (a generator of (x, y))
+    def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         n = len(self.data)
         order = torch.randperm(n, generator=generator) if self.config.shuffle else torch.arange(n)

@@ -6,6 +6,8 @@ Input is the image in [0,1] and the mask (4 channels), so the discriminator know
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
@@ -20,8 +22,11 @@ class SNPatchGAN(nn.Module):
         super().__init__()
         widths = [4] + [min(cnum * 2**i, cnum * 4) for i in range(layers)]
         blocks: list[nn.Module] = []
-        for cin, cout in zip(widths[:-1], widths[1:], strict=True):
-            blocks += [spectral_norm(nn.Conv2d(cin, cout, 5, stride=2, padding=2)), nn.LeakyReLU(negative_slope)]
+        for cin, cout in itertools.pairwise(widths):
+            blocks += [
+                spectral_norm(nn.Conv2d(cin, cout, 5, stride=2, padding=2)),
+                nn.LeakyReLU(negative_slope),
+            ]
         self.body = nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -77,7 +77,9 @@ class ContextualAttention(nn.Module):
         r = self.rate
         if height % r or width % r:
             raise ValueError(f"feature size {height}x{width} is not divisible by the attention rate {r}")
-        raw = F.unfold(x, kernel_size=2 * r, stride=r, padding=r // 2)  # [B, C*4r^2, L]
+        # Replicate padding: a border patch pasted into a hole must not bring the zeros of a zero padding.
+        padded = F.pad(x, (r // 2,) * 4, mode="replicate")
+        raw = F.unfold(padded, kernel_size=2 * r, stride=r)  # [B, C*4r^2, L]
         small = x[:, :, ::r, ::r]  # nearest downsampling by r
         patches = F.unfold(small, kernel_size=3, padding=1)  # [B, C*9, L]
         normed = patches / patches.norm(dim=1, keepdim=True).clamp_min(1e-4)

@@ -17,11 +17,13 @@ from torch import nn
 @dataclass(frozen=True)
 class RTConfig:
     noise_sigma: float = field(
-        default=0.25, metadata={"help": "std of the Gaussian noise on the [0,1] pixel scale; 0 = no noise (RT1)"}
+        default=0.25,
+        metadata={"help": "std of the Gaussian noise on the [0,1] pixel scale; 0 = no noise (RT1)"},
     )
     grid: int = field(default=8, metadata={"help": "the image is cut into grid x grid blocks (size must divide)"})
     mask_fraction: float = field(
-        default=0.25, metadata={"help": "fraction of the blocks masked in every image (exactly, not on average)"}
+        default=0.25,
+        metadata={"help": "fraction of the blocks masked in every image (exactly, not on average)"},
     )
 
     def __post_init__(self) -> None:
@@ -84,9 +86,7 @@ class RandomTransform(nn.Module):
         """RT with given draws (used by parity checks that feed the same draws to another runtime)."""
         return (x + noise).clamp(0.0, 1.0) * (1.0 - mask)
 
-    def forward(
-        self, x: torch.Tensor, generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         noise = self.draw_noise(x, generator)
         mask = self.draw_mask(x, generator)
         return self.apply(x, noise, mask), mask

@@ -65,9 +65,7 @@ class RefineStage(nn.Module):
         attention: ContextualAttention,
     ) -> None:
         super().__init__()
-        self.conv_branch = nn.Sequential(
-            *_encoder(5, cnum, activation), *_dilated(2 * cnum, dilations, activation)
-        )
+        self.conv_branch = nn.Sequential(*_encoder(5, cnum, activation), *_dilated(2 * cnum, dilations, activation))
         # ReLU before attention as in DeepFillv2: the cosine matching works on non-negative features.
         self.attention_in = nn.Sequential(
             *_encoder(5, cnum, activation), GatedConv2d(2 * cnum, 2 * cnum, 3, activation=nn.ReLU)

@@ -24,7 +24,7 @@ from atop_models.train.runtime import Runtime
 class ClassifierConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     arch: str = help_field("airbench", "classifier architecture: airbench (fast CPU default) or resnet18")
-    arch_kwargs: dict = help_field({}, "extra constructor arguments, e.g. {\"widths\": [64, 256, 256]}")
+    arch_kwargs: dict = help_field({}, 'extra constructor arguments, e.g. {"widths": [64, 256, 256]}')
     image_size: int = help_field(32, "pixels the classifier sees (batches are resized to it on the device)")
     epochs: int = help_field(16, "passes over the train split")
     batch_size: int = help_field(512, "images per step per process")
@@ -60,7 +60,8 @@ class ClassifierTask:
         self.config, self.runtime, self.test, self.out = config, runtime, test, out
         self.classes = train.classes
         torch.manual_seed(config.seed)
-        model = CLASSIFIERS.create(config.arch, num_classes=len(train.classes), **config.arch_kwargs)
+        self.arch_kwargs = {**config.arch_kwargs, "num_classes": len(train.classes)}
+        model = CLASSIFIERS.create(config.arch, **self.arch_kwargs)
         if config.whiten_init and hasattr(model, "init_whitening"):
             model.init_whitening(train.images[:5000].float() / 255.0)
         self.model = model.to(runtime.device)
@@ -69,7 +70,10 @@ class ClassifierTask:
         no_decay = [p for p in self.model.parameters() if p.ndim <= 1]
         global_batch = config.batch_size * runtime.world_size
         self.optimizer = torch.optim.SGD(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [
+                {"params": decay, "weight_decay": config.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
             lr=config.lr * global_batch / 512,
             momentum=config.momentum,
             nesterov=True,
@@ -100,13 +104,17 @@ class ClassifierTask:
             self.model,
             kind="classifier",
             arch=self.config.arch,
-            arch_kwargs=self.config.arch_kwargs,
+            arch_kwargs=self.arch_kwargs,
             classes=self.classes,
             image_size=self.config.image_size,
             recipe={"command": "classifier", **dataclasses.asdict(self.config)},
             metrics={"epoch": epoch + 1, "test_accuracy": test_accuracy, "eval_images": len(self.test)},
         )
-        return {"test_accuracy": test_accuracy, "eval_images": len(self.test), "lr": self.scheduler.get_last_lr()[0]}
+        return {
+            "test_accuracy": test_accuracy,
+            "eval_images": len(self.test),
+            "lr": self.scheduler.get_last_lr()[0],
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {

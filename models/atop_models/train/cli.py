@@ -19,21 +19,30 @@ from atop_models.train.runtime import RunDir, setup_runtime, teardown_runtime
 COMMANDS = {
     "classifier": (classifier.ClassifierConfig, classifier.build, "train the classifier"),
     "pretrain": (purifier.PretrainConfig, purifier.build, "pretrain the purifier (L1 + GAN on RT'd inputs)"),
-    "finetune": (purifier.FinetuneConfig, purifier.build, "AToP: fine-tune the purifier with an adversarial loss"),
+    "finetune": (
+        purifier.FinetuneConfig,
+        purifier.build,
+        "AToP: fine-tune the purifier with an adversarial loss",
+    ),
 }
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="atop-train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="atop-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (config_cls, _, description) in COMMANDS.items():
         sub = commands.add_parser(name, help=description, description=description)
         sub.add_argument("--out", required=True, type=Path, help="run folder (created; an existing run resumes)")
         sub.add_argument("--restart", action="store_true", help="discard a previous run in --out instead of resuming")
         sub.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1")
-        sub.add_argument("--checkpoint-minutes", type=float, default=10.0,
-                         help="save the resumable state at least this often (and at every epoch's end)")
+        sub.add_argument(
+            "--checkpoint-minutes",
+            type=float,
+            default=10.0,
+            help="save the resumable state at least this often (and at every epoch's end)",
+        )
         add_options(sub, config_cls)
     args = parser.parse_args(argv)
     config_cls, build, _ = COMMANDS[args.command]

@@ -13,7 +13,8 @@ DEFAULT_DATA = "../shared/datasets/cifar10-jpg.tar.gz"
 @dataclass(frozen=True)
 class DataConfig:
     source: str = help_field(
-        DEFAULT_DATA, "ImageFolder folder with train/ and test/, a .tar(.gz) of one, or cifar10 / cifar100 (download)"
+        DEFAULT_DATA,
+        "ImageFolder folder with train/ and test/, a .tar(.gz) of one, or cifar10 / cifar100 (download)",
     )
     cache_dir: str = help_field(".data", "where archives are extracted and decoded arrays cached (git-ignored)")
     size: int = help_field(32, "pixels; images are decoded and kept in memory at this size")

@@ -58,7 +58,10 @@ def fit(
         _reseed(seed, runtime, epoch, start_batch)
         started = time.monotonic()
         bar = tqdm(
-            total=len(loader), initial=start_batch, desc=f"epoch {epoch + 1}/{epochs}", disable=not runtime.is_main
+            total=len(loader),
+            initial=start_batch,
+            desc=f"epoch {epoch + 1}/{epochs}",
+            disable=not runtime.is_main,
         )
         for batch, (x, y) in enumerate(loader):
             if batch < start_batch:

@@ -53,7 +53,7 @@ def from_options(cls: type, args: argparse.Namespace, prefix: str = "") -> Any:
     return cls(**values)
 
 
-def help_field(default: Any, help: str) -> Any:  # noqa: A002 (mirrors argparse's name)
+def help_field(default: Any, help: str) -> Any:
     """A dataclass field with its help text; mutable defaults (dicts) get a factory."""
     if isinstance(default, dict):
         return dataclasses.field(default_factory=lambda: dict(default), metadata={"help": help})

@@ -1,0 +1,60 @@
+"""Shared fixtures: small real image folders (CIFAR-10 JPEGs from ../shared, and generated ones)."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR_TAR = REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
+
+
+def write_synthetic_imagefolder(root: Path, per_class: int, classes: int = 4, size: int = 32, seed: int = 0) -> Path:
+    """An ImageFolder of JPEGs whose classes differ in colour and stripe direction (learnable in a few steps)."""
+    rng = np.random.default_rng(seed)
+    palette = np.array([[220, 40, 40], [40, 200, 60], [50, 70, 230], [230, 210, 40], [200, 60, 200], [40, 200, 200]])
+    for split, count in (("train", per_class), ("test", max(per_class // 4, 4))):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                ramp = np.linspace(0, 1, size)[None, :] if c % 2 else np.linspace(0, 1, size)[:, None]
+                stripes = (np.sin(ramp * np.pi * (4 + c)) > 0).astype(np.float64)
+                image = palette[c % len(palette)] * (0.55 + 0.45 * stripes[..., None])
+                image = image + rng.normal(0, 25, (size, size, 3))
+                Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(folder / f"{i:04d}.jpg", quality=90)
+    return root
+
+
+def extract_cifar_slice(root: Path, per_class: dict[str, int]) -> Path:
+    """The first N JPEGs of every class of each split of the shared CIFAR-10 archive, in ImageFolder layout."""
+    taken: dict[tuple[str, str], int] = {}
+    with tarfile.open(CIFAR_TAR) as tar:
+        for member in tar:
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) < 4 or parts[-3] not in per_class:
+                continue
+            split, label = parts[-3], parts[-2]
+            if taken.get((split, label), 0) >= per_class[split]:
+                continue
+            taken[(split, label)] = taken.get((split, label), 0) + 1
+            target = root / split / label / parts[-1]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(tar.extractfile(member).read())  # type: ignore[union-attr]
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_imagefolder(tmp_path_factory.mktemp("synthetic"), per_class=64)
+
+
+@pytest.fixture(scope="session")
+def cifar_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not CIFAR_TAR.exists():
+        pytest.fail(f"{CIFAR_TAR} is missing: ../shared/datasets must sit beside the checkout")
+    return extract_cifar_slice(tmp_path_factory.mktemp("cifar"), {"train": 20, "test": 10})

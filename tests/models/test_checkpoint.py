@@ -1,0 +1,52 @@
+import json
+
+import pytest
+import torch
+from atop_models import checkpoint
+from atop_models.classifiers import CLASSIFIERS
+from atop_models.purifiers import PURIFIERS
+
+
+def test_model_round_trip_rebuilds_the_same_network(tmp_path):
+    model = PURIFIERS.create("deepfillv2", cnum=8, dilations=[2, 4])
+    checkpoint.save_model(
+        tmp_path / "p", model, "purifier", "deepfillv2", {"cnum": 8, "dilations": [2, 4]}, image_size=32
+    )
+    loaded, record = checkpoint.load_model(tmp_path / "p", "purifier")
+    assert record["image_size"] == 32 and len(record["weights_sha256"]) == 64
+    x, mask = torch.rand(2, 3, 32, 32), torch.zeros(2, 1, 32, 32)
+    mask[:, :, 8:16] = 1
+    for a, b in zip(model(x, mask), loaded(x, mask), strict=True):
+        assert torch.equal(a, b)
+    assert not (tmp_path / "p.safetensors.tmp").exists()
+
+
+def test_corrupted_or_wrong_kind_checkpoints_are_refused(tmp_path):
+    model = CLASSIFIERS.create("airbench", widths=(8, 8, 8))
+    weights = checkpoint.save_model(tmp_path / "c", model, "classifier", "airbench", {"widths": [8, 8, 8]})
+    with pytest.raises(ValueError, match="holds a classifier, not a purifier"):
+        checkpoint.load_model(tmp_path / "c", "purifier")
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupted or replaced"):
+        checkpoint.load_model(tmp_path / "c.json", "classifier")
+    (tmp_path / "x.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="not an atop-checkpoint"):
+        checkpoint.read_config(tmp_path / "x")
+
+
+def test_training_state_round_trip_without_pickle(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model(torch.rand(4, 3)).sum().backward()
+    optimizer.step()
+    path = tmp_path / "state.safetensors"
+    checkpoint.save_state(path, {"opt": optimizer.state_dict(), "epoch": 3, "sums": {"loss": 1.5}, "none": None})
+    state = checkpoint.load_state(path)
+    assert state["epoch"] == 3 and state["sums"] == {"loss": 1.5} and state["none"] is None
+    restored = torch.optim.Adam(model.parameters(), lr=0.5)
+    restored.load_state_dict(state["opt"])
+    assert restored.param_groups[0]["lr"] == 0.01
+    assert torch.equal(restored.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    assert b"pickle" not in path.read_bytes()[:200]

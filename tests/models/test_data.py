@@ -1,0 +1,88 @@
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from atop_models.data import BatchLoader, LoaderConfig, load_split, random_crop_flip
+from PIL import Image
+
+
+def test_loads_real_cifar_jpegs_from_a_folder(cifar_folder, tmp_path):
+    train = load_split(cifar_folder, "train", 32, tmp_path / "cache")
+    test = load_split(cifar_folder, "test", 32, tmp_path / "cache")
+    assert train.classes == test.classes
+    assert train.classes[:3] == ["airplane", "automobile", "bird"] and len(train.classes) == 10
+    assert train.images.shape == (200, 3, 32, 32) and train.images.dtype == torch.uint8
+    assert test.labels.bincount().tolist() == [10] * 10
+    first = sorted((cifar_folder / "train" / "airplane").iterdir())[0]
+    assert torch.equal(train.images[0], torch.from_numpy(np.array(Image.open(first).convert("RGB"))).permute(2, 0, 1))
+
+
+def test_loads_a_tar_gz_and_caches_the_decoded_arrays(cifar_folder, tmp_path):
+    archive = tmp_path / "slice.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(cifar_folder, arcname="cifar10")  # one top folder, as the shared archive has
+    cache = tmp_path / "cache"
+    from_tar = load_split(archive, "test", 32, cache)
+    assert len(list((cache / "decoded").iterdir())) == 1
+    again = load_split(archive, "test", 32, cache)  # from the .npy cache
+    assert torch.equal(from_tar.images, again.images) and from_tar.classes == again.classes
+    assert torch.equal(from_tar.images, load_split(cifar_folder, "test", 32, tmp_path / "other").images)
+
+
+def test_resizes_and_converts_any_mode(tmp_path):
+    folder = tmp_path / "data" / "train"
+    for label, mode in (("gray", "L"), ("palette", "P"), ("alpha", "RGBA")):
+        (folder / label).mkdir(parents=True)
+        Image.new(mode, (50, 40)).save(folder / label / "a.png")
+    arrays = load_split(tmp_path / "data", "train", 32, tmp_path / "cache")
+    assert arrays.images.shape == (3, 3, 32, 32) and arrays.classes == ["alpha", "gray", "palette"]
+
+
+def test_missing_split_and_bad_source_are_clear_errors(tmp_path):
+    (tmp_path / "data" / "train" / "a").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no 'test' split"):
+        load_split(tmp_path / "data", "test", 32, tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="no images"):
+        load_split(tmp_path / "data", "train", 32, tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="neither a folder"):
+        load_split(tmp_path / "nothing", "train", 32, tmp_path / "cache")
+
+
+def test_balanced_subset(cifar_folder, tmp_path):
+    arrays = load_split(cifar_folder, "train", 32, tmp_path / "cache")
+    assert arrays.subset(50).labels.bincount().tolist() == [5] * 10
+
+
+def test_ranks_take_disjoint_equal_shards(synthetic_folder, tmp_path):
+    data = load_split(synthetic_folder, "train", 32, tmp_path / "cache")
+    config = LoaderConfig(batch_size=16)
+    seen = []
+    for rank in range(2):
+        loader = BatchLoader(data, config, torch.device("cpu"), seed=3, rank=rank, world_size=2)
+        batches = list(loader)
+        assert len(batches) == len(loader) == len(data) // 2 // 16
+        seen.append({tuple(x.flatten()[:64].tolist()) for xb, _ in batches for x in xb})
+    assert not seen[0] & seen[1]
+
+
+def test_loader_order_depends_on_seed_and_epoch_only(synthetic_folder, tmp_path):
+    data = load_split(synthetic_folder, "train", 32, tmp_path / "cache")
+    config = LoaderConfig(batch_size=32, augment=True, image_size=64)
+    a, b = (BatchLoader(data, config, torch.device("cpu"), seed=1) for _ in range(2))
+    b.set_epoch(0)
+    xa, ya = next(iter(a))
+    xb, yb = next(iter(b))
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert xa.shape == (32, 3, 64, 64) and xa.min() >= 0 and xa.max() <= 1
+    b.set_epoch(1)
+    assert not torch.equal(next(iter(b))[1], ya)
+
+
+def test_random_crop_flip_moves_content_per_sample():
+    x = torch.arange(2 * 8 * 8, dtype=torch.float32).view(2, 1, 8, 8).repeat(200, 1, 1, 1)
+    out = random_crop_flip(x, pad=2, generator=torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    assert (out == x).flatten(1).all(1).float().mean() < 0.2  # most samples moved
+    flipped = (out == x.flip(3)).flatten(1).all(1)
+    assert flipped.any()  # some samples flipped without shift

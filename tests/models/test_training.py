@@ -1,0 +1,231 @@
+"""The trainer's steps, on tiny real models and a small generated image set."""
+
+import contextlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from atop_models.train import classifier as classifier_training
+from atop_models.train import purifier as purifier_training
+from atop_models.train.cli import main
+from atop_models.train.common import DataConfig
+from atop_models.train.loop import fit
+from atop_models.train.runtime import RunDir, Runtime
+
+CPU = Runtime(torch.device("cpu"))
+TINY_CLASSIFIER = ["--arch-kwargs", '{"widths": [16, 32, 32]}', "--batch-size", "32"]
+TINY_PURIFIER = ["--cnum", "8", "--disc-cnum", "8", "--disc-layers", "3", "--batch-size", "16"]
+
+
+def data_config(folder: Path, tmp_path: Path, **overrides) -> DataConfig:
+    return DataConfig(**{"source": str(folder), "cache_dir": str(tmp_path / "cache"), "eval_images": 0, **overrides})
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained_classifier(synthetic_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("classifier")
+    main(
+        [
+            "classifier",
+            "--out",
+            str(out),
+            "--data-source",
+            str(synthetic_folder),
+            "--data-cache-dir",
+            str(out / "cache"),
+            "--data-eval-images",
+            "0",
+            "--epochs",
+            "4",
+            "--lr",
+            "0.4",
+            *TINY_CLASSIFIER,
+        ]
+    )
+    return out
+
+
+def test_classifier_training_learns(trained_classifier):
+    history = metrics(trained_classifier)
+    assert [m["epoch"] for m in history] == [1, 2, 3, 4]
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.15
+    assert history[-1]["test_accuracy"] >= 0.9  # 4 classes: chance is 0.25
+    record = json.loads((trained_classifier / "classifier.json").read_text())
+    assert record["classes"] == ["class0", "class1", "class2", "class3"] and record["recipe"]["epochs"] == 4
+
+
+def pretrain_task(folder, tmp_path, **overrides):
+    config = purifier_training.PretrainConfig(
+        data=data_config(folder, tmp_path, train_images=64),
+        cnum=8,
+        disc_cnum=8,
+        disc_layers=3,
+        batch_size=16,
+        **overrides,
+    )
+    (tmp_path / "run").mkdir(exist_ok=True)
+    return purifier_training.build(config, CPU, tmp_path / "run")
+
+
+def grads(module: torch.nn.Module) -> float:
+    return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+
+
+def test_gan_gradient_reaches_the_generator(synthetic_folder, tmp_path):
+    task, loader = pretrain_task(synthetic_folder, tmp_path, l1_coarse_weight=0.0, l1_refine_weight=0.0)
+    x, y = next(iter(loader))
+    task.train_step(x, y, epoch=0)
+    assert grads(task.G.refine) > 0 and grads(task.G.coarse) > 0  # from the GAN term alone
+    assert grads(task.D) > 0
+
+    control, _ = pretrain_task(synthetic_folder, tmp_path, l1_coarse_weight=0.0, l1_refine_weight=0.0, gan_weight=0.0)
+    control.train_step(x, y, epoch=0)
+    assert grads(control.G) == 0
+
+
+def test_pretraining_reduces_reconstruction_loss(synthetic_folder, tmp_path):
+    task, loader = pretrain_task(synthetic_folder, tmp_path, lr=2e-3)
+    x, y = next(iter(loader))
+    first = [task.train_step(x, y, 0)["l1_refine"] for _ in range(3)]
+    for _ in range(25):
+        task.train_step(x, y, 0)
+    last = [task.train_step(x, y, 0)["l1_refine"] for _ in range(3)]
+    assert sum(last) < 0.7 * sum(first)
+
+
+@pytest.mark.parametrize("attack", ["pgd-pipeline", "fgsm-classifier"])
+def test_finetune_trains_the_purifier_through_the_frozen_classifier(
+    attack, synthetic_folder, trained_classifier, tmp_path
+):
+    pretrained, _ = pretrain_task(synthetic_folder, tmp_path)
+    pretrained._save(0, {})
+    config = purifier_training.FinetuneConfig(
+        data=data_config(synthetic_folder, tmp_path, train_images=64),
+        batch_size=16,
+        attack=attack,
+        attack_steps=2,
+        ce_warmup_epochs=1,
+        l1_coarse_weight=0.0,
+        l1_refine_weight=0.0,
+        gan_weight=0.0,
+        ce_weight=1.0,
+        purifier=str(tmp_path / "run" / "purifier"),
+        classifier=str(trained_classifier / "classifier"),
+    )
+    (tmp_path / "ft").mkdir()
+    task, loader = purifier_training.build(config, CPU, tmp_path / "ft")
+    frozen_before = {k: v.clone() for k, v in task.classifier.state_dict().items()}
+    g_before = {k: v.clone() for k, v in task.G.state_dict().items()}
+    x, y = next(iter(loader))
+
+    warmup = task.train_step(x, y, epoch=0)
+    assert "ce_adv" not in warmup and grads(task.G) == 0  # CE term off during warm-up; others weighted 0 here
+
+    step = task.train_step(x, y, epoch=1)
+    assert "ce_adv" in step and grads(task.G) > 0  # the CE term's gradient reaches the purifier
+    assert not any(p.requires_grad for p in task.classifier.parameters())
+    assert not task.classifier.training
+    for key, value in task.classifier.state_dict().items():
+        assert torch.equal(value, frozen_before[key]), key  # weights and BN statistics untouched
+    assert any(not torch.equal(v, g_before[k]) for k, v in task.G.state_dict().items())
+
+
+class Interrupt(Exception):
+    pass
+
+
+class InterruptingTask:
+    """Wraps a real task and stops the run after a number of steps, as a kill would."""
+
+    def __init__(self, task, stop_after: int | None):
+        self.task, self.stop_after, self.steps = task, stop_after, 0
+
+    def train_step(self, x, y, epoch):
+        if self.stop_after is not None and self.steps == self.stop_after:
+            raise Interrupt
+        self.steps += 1
+        return self.task.train_step(x, y, epoch)
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+
+def test_interrupted_run_resumes_mid_epoch(synthetic_folder, tmp_path):
+    config = classifier_training.ClassifierConfig(
+        data=data_config(synthetic_folder, tmp_path),
+        arch_kwargs={"widths": [8, 16, 16]},
+        batch_size=32,
+        epochs=2,
+    )
+    run_path = tmp_path / "run"
+
+    def attempt(stop_after, restart=False):
+        run = RunDir(run_path, CPU)
+        resume = run.start("classifier", config, restart)
+        task, loader = classifier_training.build(config, CPU, run_path)
+        wrapped = InterruptingTask(task, stop_after)
+        with contextlib.suppress(Interrupt):
+            fit(wrapped, loader, run, CPU, config.epochs, config.seed, checkpoint_minutes=0.0, resume=resume)
+        return wrapped.steps, len(loader)
+
+    done, per_epoch = attempt(stop_after=3, restart=True)  # killed in epoch 1 after 3 steps
+    assert done == 3 and not (run_path / "metrics.jsonl").exists()
+    done, _ = attempt(stop_after=None)
+    assert done == 2 * per_epoch - 3  # resumed at batch 3 of epoch 1, not from scratch
+    assert [m["epoch"] for m in metrics(run_path)] == [1, 2]
+    done, _ = attempt(stop_after=None)
+    assert done == 0  # already finished: nothing redone
+
+    other = classifier_training.ClassifierConfig(data=config.data, batch_size=16)
+    with pytest.raises(SystemExit, match="another config"):
+        RunDir(run_path, CPU).start("classifier", other, restart=False)
+
+
+def test_cli_runs_the_whole_recipe(synthetic_folder, trained_classifier, tmp_path):
+    common = [
+        "--data-source",
+        str(synthetic_folder),
+        "--data-cache-dir",
+        str(tmp_path / "cache"),
+        "--data-train-images",
+        "32",
+        "--data-eval-images",
+        "16",
+        "--epochs",
+        "1",
+    ]
+    classifier = str(trained_classifier / "classifier")
+    main(["pretrain", "--out", str(tmp_path / "pre"), *common, *TINY_PURIFIER, "--classifier", classifier])
+    main(
+        [
+            "finetune",
+            "--out",
+            str(tmp_path / "ft"),
+            *common,
+            "--batch-size",
+            "16",
+            "--ce-warmup-epochs",
+            "0",
+            "--attack-steps",
+            "1",
+            "--eval-robust-images",
+            "8",
+            "--purifier",
+            str(tmp_path / "pre" / "purifier"),
+            "--classifier",
+            classifier,
+        ]
+    )
+    (last,) = metrics(tmp_path / "ft")
+    assert 0 <= last["pipeline_accuracy"] <= 1 and "robust_accuracy_pgd1_eot1" in last and "train_ce_adv" in last
+    record = json.loads((tmp_path / "ft" / "purifier.json").read_text())
+    assert record["rt"] == {"noise_sigma": 0.25, "grid": 8, "mask_fraction": 0.25}
+    assert record["pipeline"]["output"] == "full" and record["classes"][0] == "class0"
+    pretrained = json.loads((tmp_path / "pre" / "purifier.json").read_text())
+    assert record["lineage"]["pretrained_purifier"]["sha256"] == pretrained["weights_sha256"]
+    assert (tmp_path / "ft" / "samples.png").stat().st_size > 1000

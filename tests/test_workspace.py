@@ -1,0 +1,40 @@
+"""The workspace's promises: the serving side installs without torch, and the lock file is in step."""
+
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def closure(lock: dict, name: str) -> set[str]:
+    packages = {p["name"]: p for p in lock["package"]}
+    seen, todo = set(), [name]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        todo += [d["name"] for d in packages[current].get("dependencies", [])]
+    return seen
+
+
+@pytest.mark.parametrize("package", ["atop-server", "atop-clients"])
+def test_serving_side_installs_without_torch(package):
+    lock = tomllib.loads((REPO / "uv.lock").read_text())
+    needed = closure(lock, package)
+    assert "grpcio" in needed
+    assert not {n for n in needed if n in ("torch", "torchvision", "atop-models") or n.startswith("nvidia-")}
+
+
+def test_trainer_declares_torch():
+    lock = tomllib.loads((REPO / "uv.lock").read_text())
+    assert {"torch", "torchvision", "safetensors"} <= closure(lock, "atop-models")
+
+
+def test_lock_file_matches_the_pyproject_files():
+    uv = next((p for p in (REPO / ".tools" / "bin" / "uv", Path("/usr/local/bin/uv")) if p.exists()), "uv")
+    result = subprocess.run([str(uv), "lock", "--check", "--offline"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
