@@ -13,16 +13,31 @@ from atop_models.classifiers.normalize import Normalize
 from atop_models.classifiers.registry import CLASSIFIERS
 
 
+def _conv(cin: int, cout: int) -> nn.Conv2d:
+    """3x3 convolution whose first `cin` filters start as the identity (an implicit residual, airbench)."""
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight[: min(cin, cout)])
+    return conv
+
+
+def _norm(channels: int, momentum: float) -> nn.BatchNorm2d:
+    """BatchNorm with a fixed scale of 1: only the bias is learned (airbench; a scale after a conv is redundant)."""
+    norm = nn.BatchNorm2d(channels, eps=1e-12, momentum=momentum)
+    norm.weight.requires_grad_(False)
+    return norm
+
+
 class ConvGroup(nn.Module):
     def __init__(self, cin: int, cout: int, activation: type[nn.Module], bn_momentum: float) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            _conv(cin, cout),
             nn.MaxPool2d(2),
-            nn.BatchNorm2d(cout, momentum=bn_momentum),
+            _norm(cout, bn_momentum),
             activation(),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
-            nn.BatchNorm2d(cout, momentum=bn_momentum),
+            _conv(cout, cout),
+            _norm(cout, bn_momentum),
             activation(),
         )
 
@@ -42,8 +57,10 @@ class AirbenchNet(nn.Module):
     ) -> None:
         super().__init__()
         self.normalize = Normalize()
-        # The stem sees 2x2 patches as whole vectors; init_whitening() can set it from data (airbench).
+        # The stem sees 2x2 patches as whole vectors; init_whitening() sets it from data and it stays fixed
+        # (only its bias is learned), as in airbench.
         self.whiten = nn.Conv2d(3, whiten_width, 2, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)
         self.stem_act = activation()
         groups, cin = [], whiten_width
         for width in widths:

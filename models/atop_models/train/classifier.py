@@ -1,5 +1,7 @@
-"""`atop-train classifier`: supervised training of the classifier, airbench style (SGD-Nesterov, label
-smoothing, a warm-up then linear decay, whitened stem, random crop + flip)."""
+"""`atop-train classifier`: supervised training of the classifier, airbench94 style: SGD-Nesterov with a
+triangular lr schedule and a boosted lr for BatchNorm biases, label smoothing, a data-whitened fixed stem,
+random crop + flip. The defaults are tuned for the airbench network; for resnet18 lower --lr (e.g. 0.4)
+and --bias-lr-scale (e.g. 1)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from atop_models.checkpoint import save_model
 from atop_models.classifiers import CLASSIFIERS
@@ -26,23 +29,33 @@ class ClassifierConfig:
     arch: str = help_field("airbench", "classifier architecture: airbench (fast CPU default) or resnet18")
     arch_kwargs: dict = help_field({}, 'extra constructor arguments, e.g. {"widths": [64, 256, 256]}')
     image_size: int = help_field(32, "pixels the classifier sees (batches are resized to it on the device)")
-    epochs: int = help_field(16, "passes over the train split")
-    batch_size: int = help_field(512, "images per step per process")
-    lr: float = help_field(0.2, "peak SGD learning rate for batch 512 (scaled linearly with the global batch)")
-    momentum: float = help_field(0.9, "Nesterov momentum")
-    weight_decay: float = help_field(5e-4, "L2 on conv/linear weights only (not on BN or biases)")
+    epochs: int = help_field(20, "passes over the train split (airbench94: ~10 for 94% with TTA on PNG CIFAR)")
+    batch_size: int = help_field(512, "images per step per process (512: fastest on a 2-core CPU, measured)")
+    lr: float = help_field(
+        1.5,
+        "peak SGD lr for a mean loss over a batch of 1024 (airbench94's 11.5 per 1024 "
+        "examples, decoupled from momentum 0.85); scaled linearly with the global batch",
+    )
+    bias_lr_scale: float = help_field(64.0, "lr multiplier for BatchNorm biases (airbench: they move too slowly)")
+    momentum: float = help_field(0.85, "Nesterov momentum")
+    weight_decay: float = help_field(0.002, "fraction of every weight removed per step at peak lr, all parameters")
     label_smoothing: float = help_field(0.2, "softens targets; helps the short schedule and calibration")
-    warmup_epochs: float = help_field(1.0, "linear LR warm-up from 0, then linear decay to 0 at the end")
+    lr_start: float = help_field(0.2, "lr at step 0, as a fraction of the peak (triangular schedule)")
+    lr_peak_at: float = help_field(0.23, "fraction of training at which the lr peaks")
+    lr_end: float = help_field(0.07, "lr at the last step, as a fraction of the peak")
     whiten_init: bool = help_field(True, "initialize airbench's 2x2 stem from the data's patch statistics")
-    crop_pad: int = help_field(4, "pixels of reflect padding for random-crop augmentation")
+    crop_pad: int = help_field(2, "pixels of reflect padding for random-crop augmentation (airbench: 2)")
     seed: int = help_field(0, "seeds data order, init and augmentation")
 
 
-def warmup_linear_decay(total_steps: int, warmup_steps: int) -> Any:
+def triangle(total_steps: int, start: float, peak_at: float, end: float) -> Any:
+    """LR factor: linear from `start` to 1 at `peak_at` of training, then linear to `end`."""
+    peak = max(1, round(peak_at * total_steps))
+
     def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+        if step < peak:
+            return start + (1.0 - start) * step / peak
+        return 1.0 + (end - 1.0) * min(1.0, (step - peak) / max(1, total_steps - peak))
 
     return factor
 
@@ -64,29 +77,30 @@ class ClassifierTask:
         model = CLASSIFIERS.create(config.arch, **self.arch_kwargs)
         if config.whiten_init and hasattr(model, "init_whitening"):
             model.init_whitening(train.images[:5000].float() / 255.0)
-        self.model = model.to(runtime.device)
+        # channels_last: ~1.4x faster convolutions on this CPU (oneDNN) and on GPUs (tensor cores).
+        self.model = model.to(runtime.device, memory_format=torch.channels_last)
         self.trained = runtime.wrap(self.model)
-        decay = [p for p in self.model.parameters() if p.ndim > 1]
-        no_decay = [p for p in self.model.parameters() if p.ndim <= 1]
-        global_batch = config.batch_size * runtime.world_size
+        norm_biases = [m.bias for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        others = [p for p in self.model.parameters() if p.requires_grad and all(p is not q for q in norm_biases)]
+        lr = config.lr * config.batch_size * runtime.world_size / 1024
+        bias_lr = lr * config.bias_lr_scale
+        # torch's SGD decays by lr * weight_decay per step: divide, so the decay per step is the configured one.
         self.optimizer = torch.optim.SGD(
             [
-                {"params": decay, "weight_decay": config.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
+                {"params": norm_biases, "lr": bias_lr, "weight_decay": config.weight_decay / bias_lr},
+                {"params": others, "lr": lr, "weight_decay": config.weight_decay / lr},
             ],
-            lr=config.lr * global_batch / 512,
             momentum=config.momentum,
             nesterov=True,
         )
-        total = config.epochs * steps_per_epoch
-        warmup = max(1, round(config.warmup_epochs * steps_per_epoch))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_linear_decay(total, warmup))
+        schedule = triangle(config.epochs * steps_per_epoch, config.lr_start, config.lr_peak_at, config.lr_end)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=runtime.device.type == "cuda")
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, float]:
         self.trained.train()
         with self.autocast:
-            logits = self.trained(x)
+            logits = self.trained(x.contiguous(memory_format=torch.channels_last))
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.config.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -113,7 +127,7 @@ class ClassifierTask:
         return {
             "test_accuracy": test_accuracy,
             "eval_images": len(self.test),
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": self.scheduler.get_last_lr()[-1],
         }
 
     def state_dict(self) -> dict[str, Any]:
