@@ -9,6 +9,7 @@ on 2 CPU cores per-image Python transforms would cost more than the small networ
 from __future__ import annotations
 
 import hashlib
+import shutil
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -62,7 +63,16 @@ def extract_archive(archive: Path, cache_dir: Path) -> Path:
     if not marker.exists():
         target.mkdir(parents=True, exist_ok=True)
         with tarfile.open(archive) as tar:
-            tar.extractall(target, filter="data")  # 'data' refuses absolute paths, links out, devices
+            # Regular files only, inside target: an image set needs no links or devices, and a hostile archive
+            # must not write outside the cache (tarfile's filter= is missing from Python < 3.11.4).
+            for member in tar:
+                path = Path(member.name)
+                if path.is_absolute() or ".." in path.parts:
+                    raise ValueError(f"{archive} holds an unsafe path {member.name!r}")
+                if member.isfile():
+                    (target / path).parent.mkdir(parents=True, exist_ok=True)
+                    with tar.extractfile(member) as source, open(target / path, "wb") as out:  # type: ignore[union-attr]
+                        shutil.copyfileobj(source, out)
         marker.touch()
     return target
 

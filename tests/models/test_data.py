@@ -30,6 +30,17 @@ def test_loads_a_tar_gz_and_caches_the_decoded_arrays(cifar_folder, tmp_path):
     assert torch.equal(from_tar.images, load_split(cifar_folder, "test", 32, tmp_path / "other").images)
 
 
+def test_archive_with_unsafe_paths_is_refused(tmp_path):
+    image = tmp_path / "a.jpg"
+    Image.new("RGB", (8, 8)).save(image)
+    archive = tmp_path / "evil.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(image, arcname="../../escaped.jpg")
+    with pytest.raises(ValueError, match="unsafe path"):
+        load_split(archive, "train", 32, tmp_path / "cache")
+    assert not (tmp_path / "escaped.jpg").exists()
+
+
 def test_resizes_and_converts_any_mode(tmp_path):
     folder = tmp_path / "data" / "train"
     for label, mode in (("gray", "L"), ("palette", "P"), ("alpha", "RGBA")):

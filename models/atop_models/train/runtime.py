@@ -66,7 +66,8 @@ def setup_runtime(device: str = "auto") -> Runtime:
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes per run: let cuDNN pick the fastest kernels
+        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls/convs: ~8x faster, ample for training
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return Runtime(dev, rank, world_size)
