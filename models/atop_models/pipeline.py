@@ -28,6 +28,13 @@ class PipelineConfig:
             raise ValueError(f"draws must be >= 1, got {self.draws}")
 
 
+def compose(x_rt: torch.Tensor, mask: torch.Tensor, refined: torch.Tensor, output: PurifierOutput) -> torch.Tensor:
+    """What the classifier sees: the refined image, or its holes pasted into the RT'd image."""
+    if output == "composite":
+        return x_rt * (1.0 - mask) + refined * mask
+    return refined
+
+
 class DefendedClassifier(nn.Module):
     """x in [0,1] -> logits. With draws=K > 1 the output is log(mean_k softmax(logits_k)), so that softmax,
     argmax and cross-entropy all treat it as logits of the averaged probabilities.
@@ -48,11 +55,11 @@ class DefendedClassifier(nn.Module):
 
     def purify(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """One RT draw and purification: the image the classifier sees, in [0,1]."""
-        x_rt, mask = self.rt(x, generator)
-        _, refined = self.purifier(x_rt, mask)
-        if self.config.output == "composite":
-            return x_rt * (1.0 - mask) + refined * mask
-        return refined
+        return self.restore(*self.rt(x, generator))
+
+    def restore(self, x_rt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The purifier's answer to an RT'd image, as the classifier sees it (full or composite output)."""
+        return compose(x_rt, mask, self.purifier(x_rt, mask)[1], self.config.output)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.config.draws == 1:

@@ -62,25 +62,34 @@ class RandomTransform(nn.Module):
         super().__init__()
         self.config = config
 
+    # Draws use *_like ops on tensors shaped from x when no generator is given, so that an ONNX export keeps
+    # the batch dimension symbolic and becomes RandomNormalLike / RandomUniformLike + TopK + ScatterElements:
+    # the same code draws RT in PyTorch and inside the exported graph.
     def draw_noise(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.config.noise_sigma == 0:
             return torch.zeros_like(x)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return noise * self.config.noise_sigma
+        if generator is None:
+            return torch.randn_like(x) * self.config.noise_sigma
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) * self.config.noise_sigma
 
     def draw_mask(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Per-sample block mask: top-k of uniform scores per image gives exactly k masked blocks each."""
-        batch, _, height, width = x.shape
+        height, width = x.shape[-2:]
         grid = self.config.grid
         if height % grid or width % grid:
             raise ValueError(f"image size {height}x{width} is not divisible by the RT grid {grid}")
-        blocks = torch.zeros(batch, grid * grid, device=x.device, dtype=x.dtype)
-        k = self.config.masked_blocks
-        if k:
-            scores = torch.rand(batch, grid * grid, generator=generator, device=x.device)
-            blocks.scatter_(1, scores.topk(k, dim=1).indices, 1.0)
-        blocks = blocks.view(batch, 1, grid, grid)
-        return blocks.repeat_interleave(height // grid, dim=2).repeat_interleave(width // grid, dim=3)
+        one_per_block = x[:, 0, :grid, :grid].flatten(1)  # [B, grid*grid]: only its shape is used
+        if generator is None:
+            scores = torch.rand_like(one_per_block)
+        else:
+            scores = torch.rand(one_per_block.shape, generator=generator, device=x.device, dtype=x.dtype)
+        blocks = torch.zeros_like(one_per_block)
+        if self.config.masked_blocks:
+            blocks = blocks.scatter(1, scores.topk(self.config.masked_blocks, dim=1).indices, 1.0)
+        # Each block value covers (height/grid) x (width/grid) pixels: expand, then fold into the image grid.
+        sy, sx = height // grid, width // grid
+        blocks = blocks.view(-1, 1, grid, 1, grid, 1).expand(-1, 1, grid, sy, grid, sx)
+        return blocks.reshape(-1, 1, height, width)
 
     def apply(self, x: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """RT with given draws (used by parity checks that feed the same draws to another runtime)."""

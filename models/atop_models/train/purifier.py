@@ -24,7 +24,7 @@ from atop_models.checkpoint import load_model, paths, save_model
 from atop_models.data import BatchLoader, ImageArrays, LoaderConfig
 from atop_models.discriminator import DISCRIMINATORS, hinge_d_loss, hinge_g_loss
 from atop_models.evaluate import accuracy
-from atop_models.pipeline import DefendedClassifier, PipelineConfig
+from atop_models.pipeline import DefendedClassifier, PipelineConfig, compose
 from atop_models.purifiers import PURIFIERS
 from atop_models.rt import RandomTransform, RTConfig
 from atop_models.train.common import DataConfig
@@ -137,11 +137,6 @@ class PurifierTask:
         gradient = EOTGradient(self.pipeline, config.attack_eot)
         return PGD(gradient, config.epsilon, config.attack_step_size, steps or config.attack_steps)
 
-    def compose(self, x_rt: torch.Tensor, mask: torch.Tensor, refined: torch.Tensor) -> torch.Tensor:
-        if self.config.output == "composite":
-            return x_rt * (1.0 - mask) + refined * mask
-        return refined
-
     # -- one step ----------------------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, float]:
         ce_on = self.ce_active(epoch)
@@ -150,7 +145,7 @@ class PurifierTask:
         self.D_train.train()
         x_rt, mask = self.rt(x_in)
         coarse, refined = self.G_train(x_rt, mask)
-        out = self.compose(x_rt, mask, refined)
+        out = compose(x_rt, mask, refined, self.config.output)
 
         # Discriminator: real = clean image, fake = purifier output, one batch so DDP syncs once.
         scores = self.D_train(torch.cat([x, out.detach()]), torch.cat([mask, mask]))
@@ -190,7 +185,7 @@ class PurifierTask:
         total, grid = 0.0, None
         for x, _ in BatchLoader(self.test, loader_config, self.runtime.device):
             x_rt, mask = self.rt(x)
-            out = self.compose(x_rt, mask, self.G(x_rt, mask)[1])
+            out = compose(x_rt, mask, self.G(x_rt, mask)[1], self.config.output)
             total += float((out - x).abs().mean()) * len(x)
             if grid is None:
                 grid = torch.cat([x[:8], x_rt[:8], out[:8]])
