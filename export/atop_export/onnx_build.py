@@ -1,0 +1,123 @@
+"""PyTorch modules -> ONNX models: dynamo export with a dynamic batch, FP16 conversion, composition, metadata."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import onnx.compose
+import onnxruntime as ort
+import torch
+from onnxruntime.transformers.float16 import convert_float_to_float16
+from torch import nn
+
+from atop_export.graphs import INPUT, OUTPUT, RT_IMAGE, RT_MASK
+
+FRONT, CORE = "front/", "core/"
+# Where the RT draws live inside a composed model: the exporter's checks read them, nothing else does.
+RT_IMAGE_TENSOR, RT_MASK_TENSOR = FRONT + RT_IMAGE, FRONT + RT_MASK
+
+
+def export_module(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    input_names: list[str],
+    output_names: list[str],
+    opset: int,
+    max_batch: int,
+) -> onnx.ModelProto:
+    """Dynamo-based export (the contextual attention's `fold` becomes Col2Im, which the TorchScript exporter
+    cannot emit) with dimension 0 of every input dynamic, so one graph serves any batch size."""
+    module.eval()
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    dynamic_shapes = tuple({0: batch} for _ in args)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")  # the exporter's progress chatter; failures still raise
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            input_names=input_names,
+            output_names=output_names,
+            opset_version=opset,
+            optimize=True,
+            verbose=False,
+        )
+    assert program is not None
+    return program.model_proto
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Weights and compute in FP16 for GPUs; inputs and outputs stay FP32 so clients see no difference."""
+    converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)
+    _topological_sort(converted.graph)  # the converter appends its input casts at the end of the node list
+    del converted.graph.value_info[:]  # shape annotations left from FP32 (stale element types); re-inferable
+    return converted
+
+
+def _topological_sort(graph: onnx.GraphProto) -> None:
+    available = {"", *(i.name for i in graph.input), *(i.name for i in graph.initializer)}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(name in available for name in n.input)]
+        if not ready:
+            raise ValueError(f"graph has a cycle or a dangling input near node {pending[0].name!r}")
+        for node in ready:
+            available.update(node.output)
+        ordered += ready
+        pending = [n for n in pending if all(n is not r for r in ready)]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        node.output[:] = [new if name == old else name for name in node.output]
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        if value.name == old:
+            value.name = new
+
+
+def compose(front: onnx.ModelProto, core: onnx.ModelProto) -> onnx.ModelProto:
+    """front (IMAGE -> rt_image, rt_mask) + core (rt_image, rt_mask -> PROBABILITIES) -> one graph."""
+    front = onnx.compose.add_prefix(front, FRONT)
+    core = onnx.compose.add_prefix(core, CORE)
+    merged = onnx.compose.merge_models(
+        front, core, io_map=[(RT_IMAGE_TENSOR, CORE + RT_IMAGE), (RT_MASK_TENSOR, CORE + RT_MASK)]
+    )
+    _rename(merged.graph, FRONT + INPUT, INPUT)
+    _rename(merged.graph, CORE + OUTPUT, OUTPUT)
+    return merged
+
+
+OPTIMIZATION_LEVELS = ("none", "basic")
+
+
+def optimize_offline(model: onnx.ModelProto, level: str) -> onnx.ModelProto:
+    """Optionally run onnxruntime's graph optimizer once, at export, and ship its result. Only "basic"
+    (constant folding, redundant-node removal) is offered: higher levels emit hardware-specific fused
+    contrib ops that other runtimes (and onnx.checker) do not know; servers apply them at load time."""
+    if level not in OPTIMIZATION_LEVELS:
+        raise ValueError(f"optimization level must be one of {OPTIMIZATION_LEVELS}, got {level!r}")
+    if level == "none":
+        return model
+    with tempfile.TemporaryDirectory() as workdir:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(Path(workdir) / "optimized.onnx")
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return onnx.load(options.optimized_model_filepath)
+
+
+def set_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> None:
+    onnx.helper.set_model_props(model, metadata)
+
+
+def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {prop.key: prop.value for prop in model.metadata_props}
