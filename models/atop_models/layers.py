@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,6 +36,20 @@ class GatedConv2d(nn.Module):
             dilation=dilation,
         )
         self.activation = activation() if gated else None
+        self.reset_parameters()
+
+    # Std of the initial weights times sqrt(fan_in). PyTorch's default (~0.58) and even Kaiming's sqrt(2)
+    # lose the input within the ~20 gated layers (each halves the signal through its sigmoid gate): at
+    # init the generator's output then differs by 6e-8 between two unrelated images, and training first has
+    # to rediscover the input. 2.4 keeps it (output std 0.12-0.16 at cnum 8-48, no tanh saturation; 2.8
+    # saturates). The output layer (no gate) keeps unit gain.
+    HIDDEN_GAIN = 2.4
+
+    def reset_parameters(self) -> None:
+        fan_in = self.conv.in_channels * self.conv.kernel_size[0] * self.conv.kernel_size[1]
+        gain = self.HIDDEN_GAIN if self.activation is not None else 1.0
+        nn.init.normal_(self.conv.weight, 0.0, gain / math.sqrt(fan_in))
+        nn.init.zeros_(self.conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(x)

@@ -1,0 +1,212 @@
+"""atop-export on small random-weight checkpoints: written repository, checks, metadata, loader errors."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from atop_export import checks
+from atop_export.cli import main
+from atop_export.exporter import load_pipeline
+from atop_models.checkpoint import save_model
+from atop_models.classifiers import CLASSIFIERS
+from atop_models.purifiers import PURIFIERS
+from atop_models.rt import RTConfig
+from atop_server.repository import ModelLoadError, ModelNotFoundError, list_models, load_model
+
+CLASSES = [f"class{i}" for i in range(5)]
+
+
+def make_checkpoints(folder: Path, size: int, output: str = "full") -> tuple[Path, Path]:
+    torch.manual_seed(size)
+    # head_scale 1: random weights then give confident, varied predictions, so parity compares real rankings.
+    classifier_kwargs = {"num_classes": len(CLASSES), "widths": [16, 32, 32], "head_scale": 1.0}
+    classifier = CLASSIFIERS.create("airbench", **classifier_kwargs)
+    classifier.init_whitening(torch.rand(64, 3, 32, 32))
+    purifier_kwargs = {"cnum": 8, "dilations": [2, 4]}
+    purifier = PURIFIERS.create("deepfillv2", **purifier_kwargs)
+    save_model(
+        folder / "classifier", classifier, "classifier", "airbench", classifier_kwargs, classes=CLASSES, image_size=size
+    )
+    save_model(
+        folder / "purifier",
+        purifier,
+        "purifier",
+        "deepfillv2",
+        purifier_kwargs,
+        image_size=size,
+        classes=CLASSES,
+        rt=RTConfig().to_dict(),
+        pipeline={"output": output, "draws": 1},
+    )
+    return folder / "classifier", folder / "purifier"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("export32")
+    classifier, purifier = make_checkpoints(folder, 32)
+    repository = folder / "repository"
+    main(
+        [
+            "--classifier",
+            str(classifier),
+            "--purifier",
+            str(purifier),
+            "--repository",
+            str(repository),
+            "--precisions",
+            "fp32",
+            "fp16",
+            "--pieces",
+            "classifier",
+            "purifier",
+            "--parity-images",
+            "16",
+        ]
+    )
+    return repository, classifier, purifier
+
+
+def test_repository_layout_and_reports(exported):
+    repository, _, _ = exported
+    assert list_models(repository) == {
+        name: [1]
+        for name in (
+            "atop_cifar10",
+            "atop_cifar10_classifier",
+            "atop_cifar10_fp16",
+            "atop_cifar10_purifier",
+            "atop_cifar10_uint8",
+            "atop_cifar10_uint8_fp16",
+        )
+    }
+    config = (repository / "atop_cifar10_uint8" / "config.pbtxt").read_text()
+    assert 'backend: "onnxruntime"' in config and "TYPE_UINT8" in config and "dims: [ 32, 32, 3 ]" in config
+    assert 'label_filename: "labels.txt"' in config and "max_batch_size: 256" in config
+    assert (repository / "atop_cifar10" / "labels.txt").read_text().split() == CLASSES
+    readme = (repository / "README.md").read_text()
+    assert "atop-export --classifier" in readme and "sha256" in readme
+    for name in ("atop_cifar10", "atop_cifar10_uint8_fp16"):
+        report = json.loads((repository / name / "export_report.json").read_text())
+        (parity,) = report["checks"]["parity"]
+        assert parity["max_abs_diff"] <= parity["tolerance"] and parity["top1_agreement"] >= 0.9
+        assert report["checks"]["rt"]["masked_blocks_per_image"] == [16]
+        assert report["checks"]["unpredictability"]["all_first_draws_distinct"]
+    fp32 = json.loads((repository / "atop_cifar10" / "export_report.json").read_text())["checks"]["parity"][0]
+    assert fp32["max_abs_diff"] < 1e-4 and fp32["top1_agreement"] == 1.0
+
+
+def test_metadata_is_read_back_by_the_server_loader(exported):
+    repository, classifier, _ = exported
+    model = load_model(repository, "atop_cifar10")
+    assert model.labels == CLASSES
+    assert model.input_spec == {
+        "name": "IMAGE",
+        "layout": "NCHW",
+        "dtype": "float32",
+        "height": 32,
+        "width": 32,
+        "channels": "RGB",
+        "value_range": [0.0, 1.0],
+    }
+    assert model.metadata["atop.rt"] == {"noise_sigma": 0.25, "grid": 8, "mask_fraction": 0.25}
+    sha = json.loads(Path(str(classifier) + ".json").read_text())["weights_sha256"]
+    assert model.metadata["atop.checkpoints"]["classifier"]["sha256"] == sha
+    assert model.inputs[0].shape[0] == "batch" and model.outputs[0].shape == ("batch", len(CLASSES))
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_dynamic_batch_and_randomized_outputs(exported, batch):
+    repository, _, _ = exported
+    session = load_model(repository, "atop_cifar10_uint8").session
+    images = np.random.default_rng(0).integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+    first, second = (session.run(None, {"IMAGE": images})[0] for _ in range(2))
+    assert first.shape == (batch, 5) and np.allclose(first.sum(1), 1, atol=1e-5)
+    assert not np.array_equal(first, second)  # RT drawn anew on every run
+
+
+def test_pieces_match_pytorch(exported):
+    repository, classifier, purifier = exported
+    pipeline, _, _ = load_pipeline(classifier, purifier)
+    images = torch.rand(4, 3, 32, 32)
+    probabilities = load_model(repository, "atop_cifar10_classifier").session.run(None, {"IMAGE": images.numpy()})[0]
+    with torch.no_grad():
+        expected = torch.softmax(pipeline.classifier(images), 1).numpy()
+    assert np.abs(probabilities - expected).max() < 1e-4
+
+
+def test_checks_fail_on_a_wrong_graph(exported, tmp_path):
+    repository, classifier, purifier = exported
+    path = repository / "atop_cifar10" / "1" / "model.onnx"
+    pipeline, _, _ = load_pipeline(classifier, purifier)
+    with torch.no_grad():
+        pipeline.classifier.head.weight.mul_(-1)  # PyTorch now disagrees with the exported graph
+    with pytest.raises(checks.ExportCheckError, match="differ from PyTorch"):
+        checks.defended_parity(path, pipeline, torch.rand(8, 3, 32, 32), 1e-4, ["CPUExecutionProvider"])
+    with pytest.raises(checks.ExportCheckError, match="masked blocks per image"):
+        checks.rt_statistics(path, RTConfig(mask_fraction=0.5), "float", 32, ["CPUExecutionProvider"])
+    with pytest.raises(checks.ExportCheckError, match="noise std"):
+        checks.rt_statistics(path, RTConfig(noise_sigma=0.1), "float", 32, ["CPUExecutionProvider"])
+
+
+def test_loader_reports_broken_models_clearly(exported, tmp_path):
+    repository, _, _ = exported
+    original = (repository / "atop_cifar10" / "1" / "model.onnx").read_bytes()
+    broken = tmp_path / "repository"
+    for name, data in (("truncated", original[: len(original) // 2]), ("garbage", b"\x00not onnx" * 100)):
+        (broken / name / "1").mkdir(parents=True)
+        (broken / name / "1" / "model.onnx").write_bytes(data)
+        with pytest.raises(ModelLoadError, match=rf"{name}/1/model.onnx is not a loadable ONNX model"):
+            load_model(broken, name)
+    bare = onnx.load_from_string(original)
+    del bare.metadata_props[:]
+    (broken / "bare" / "1").mkdir(parents=True)
+    onnx.save(bare, str(broken / "bare" / "1" / "model.onnx"))
+    with pytest.raises(ModelLoadError, match="lacks the metadata"):
+        load_model(broken, "bare")
+    with pytest.raises(ModelNotFoundError, match="no model 'absent'"):
+        load_model(broken, "absent")
+    with pytest.raises(ModelNotFoundError, match="has no version 3"):
+        load_model(repository, "atop_cifar10", version=3)
+
+
+def test_export_at_256px_with_composite_output(tmp_path):
+    classifier, purifier = make_checkpoints(tmp_path, 256, output="composite")
+    main(
+        [
+            "--classifier",
+            str(classifier),
+            "--purifier",
+            str(purifier),
+            "--repository",
+            str(tmp_path / "r"),
+            "--inputs",
+            "float",
+            "--parity-images",
+            "4",
+            "--name",
+            "big",
+        ]
+    )
+    report = json.loads((tmp_path / "r" / "big" / "export_report.json").read_text())
+    assert report["checks"]["parity"][0]["max_abs_diff"] < 1e-4
+    assert report["checks"]["rt"]["masked_blocks_per_image"] == [16]
+    model = load_model(tmp_path / "r", "big")
+    assert model.metadata["atop.pipeline"]["output"] == "composite" and model.input_spec["height"] == 256
+
+
+def test_cli_refuses_missing_checkpoints(tmp_path):
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "--classifier",
+                str(tmp_path / "none"),
+                "--purifier",
+                str(tmp_path / "none"),
+                "--repository",
+                str(tmp_path / "r"),
+            ]
+        )
