@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: help install test lint serve format clean
+.PHONY: help install test lint serve format clean proto
 
 help:
 	@echo "make serve   start the gRPC server on the shipped default model"
@@ -17,7 +17,7 @@ $(CURDIR)/.tools/bin/uv:
 	python3 -m venv $(CURDIR)/.tools
 	$(CURDIR)/.tools/bin/python -m pip install --quiet "uv==$(UV_VERSION)"
 
-.venv/.synced: uv.lock pyproject.toml models/pyproject.toml export/pyproject.toml server/pyproject.toml clients/pyproject.toml | $(UV)
+.venv/.synced: uv.lock pyproject.toml $(wildcard */pyproject.toml) | $(UV)
 	$(UV) sync --frozen --all-packages
 	touch $@
 
@@ -33,6 +33,10 @@ test: lint
 format: install
 	$(RUN) ruff check --fix .
 	$(RUN) ruff format models tests
+
+# Regenerate the Python code of proto/atop_proto/*.proto (committed; tests/test_proto.py fails when stale).
+proto: install
+	$(RUN) python -m atop_proto.generate proto
 
 serve: install
 	@echo "The gRPC server (atop-serve) is not built yet: see the open issue 'The gRPC inference server'." >&2
