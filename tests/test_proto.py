@@ -49,7 +49,10 @@ def test_generated_code_is_not_stale(tmp_path):
 
 
 def test_kserve_messages_and_methods_match_the_published_protocol():
-    ours, theirs = dump("atop_proto.grpc_service_pb2"), dump("tritonclient.grpc.service_pb2", "tritonclient.grpc.model_config_pb2")
+    ours, theirs = (
+        dump("atop_proto.grpc_service_pb2"),
+        dump("tritonclient.grpc.service_pb2", "tritonclient.grpc.model_config_pb2"),
+    )
     for name, fields in ours["messages"].items():
         assert name in theirs["messages"], f"message {name} is not in the protocol"
         for number, spec in fields.items():

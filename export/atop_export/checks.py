@@ -22,12 +22,12 @@ import numpy as np
 import onnx
 import onnx.utils
 import torch
-from atop_models.pipeline import DefendedClassifier
-from atop_models.rt import RTConfig
-from atop_server.session import create_session
 
 from atop_export.graphs import INPUT, OUTPUT, Core, InputKind, example_input, to_unit_nchw
 from atop_export.onnx_build import RT_IMAGE_TENSOR, RT_MASK_TENSOR
+from atop_models.pipeline import DefendedClassifier
+from atop_models.rt import RTConfig
+from atop_server.session import create_session
 
 
 class ExportCheckError(RuntimeError):

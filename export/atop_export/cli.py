@@ -15,11 +15,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from atop_models.checkpoint import paths, read_config
-
 from atop_export.checks import ExportCheckError
 from atop_export.exporter import ExportConfig, export_repository
 from atop_export.onnx_build import OPTIMIZATION_LEVELS
+from atop_models.checkpoint import paths, read_config
 
 
 def write_readme(repository: Path, reports: dict[str, dict], classifier: str, purifier: str, command: str) -> None:

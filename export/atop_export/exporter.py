@@ -12,9 +12,6 @@ from typing import Any, Literal
 import onnx
 import onnxruntime as ort
 import torch
-from atop_models.checkpoint import load_model
-from atop_models.pipeline import DefendedClassifier, PipelineConfig
-from atop_models.rt import RandomTransform, RTConfig
 
 from atop_export import checks
 from atop_export.graphs import (
@@ -31,6 +28,9 @@ from atop_export.graphs import (
 )
 from atop_export.onnx_build import compose, export_module, optimize_offline, set_metadata, to_fp16
 from atop_export.repository import write_model, write_report
+from atop_models.checkpoint import load_model
+from atop_models.pipeline import DefendedClassifier, PipelineConfig
+from atop_models.rt import RandomTransform, RTConfig
 
 Precision = Literal["fp32", "fp16"]
 PURIFIED = "PURIFIED"

@@ -13,8 +13,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from atop_models.pipeline import DefendedClassifier
 from torch import nn
+
+from atop_models.pipeline import DefendedClassifier
 
 InputKind = Literal["float", "uint8"]
 INPUT = "IMAGE"

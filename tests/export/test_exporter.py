@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+
 from atop_export import checks
 from atop_export.cli import main
 from atop_export.exporter import load_pipeline

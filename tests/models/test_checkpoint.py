@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+
 from atop_models import checkpoint
 from atop_models.classifiers import CLASSIFIERS
 from atop_models.purifiers import PURIFIERS

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from atop_models.classifiers import CLASSIFIERS
 
 

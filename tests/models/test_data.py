@@ -3,8 +3,9 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from atop_models.data import BatchLoader, LoaderConfig, load_split, random_crop_flip
 from PIL import Image
+
+from atop_models.data import BatchLoader, LoaderConfig, load_split, random_crop_flip
 
 
 def test_loads_real_cifar_jpegs_from_a_folder(cifar_folder, tmp_path):

@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from atop_models.classifiers import CLASSIFIERS
 from atop_models.pipeline import DefendedClassifier, PipelineConfig
 from atop_models.purifiers import PURIFIERS

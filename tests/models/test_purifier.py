@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from atop_models.discriminator import DISCRIMINATORS, SNPatchGAN
 from atop_models.layers import ContextualAttention
 from atop_models.purifiers import PURIFIERS

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from atop_models.rt import RT_PRESETS, RandomTransform, RTConfig
 
 

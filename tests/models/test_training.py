@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from atop_models.train import classifier as classifier_training
 from atop_models.train import purifier as purifier_training
 from atop_models.train.cli import main

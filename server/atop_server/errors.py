@@ -1,0 +1,42 @@
+"""Errors of the serving core. The core never imports grpc: the servicers map these to status codes in one
+place (grpc_errors.py). Every message says what was wrong, for the client to act on."""
+
+from __future__ import annotations
+
+from atop_server.repository import ModelLoadError, ModelNotFoundError
+
+
+class ServeError(Exception):
+    pass
+
+
+class InvalidInput(ServeError):
+    """Bad shape, dtype, size, value, parameter or an undecodable image: the client's to fix."""
+
+
+class Overloaded(ServeError):
+    """The queue is full: retry later (with backoff)."""
+
+
+class NotReady(ServeError):
+    """Starting up or shutting down."""
+
+
+class Cancelled(ServeError):
+    """The client went away; its queued work was withdrawn."""
+
+
+class DeadlineExceeded(ServeError):
+    """The request's deadline passed before its batch ran."""
+
+
+__all__ = [
+    "Cancelled",
+    "DeadlineExceeded",
+    "InvalidInput",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "NotReady",
+    "Overloaded",
+    "ServeError",
+]

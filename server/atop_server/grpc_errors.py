@@ -1,0 +1,33 @@
+"""The one place where serving errors become gRPC status codes."""
+
+from __future__ import annotations
+
+import grpc
+
+from atop_server.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidInput,
+    ModelLoadError,
+    ModelNotFoundError,
+    NotReady,
+    Overloaded,
+)
+
+CODES: dict[type[Exception], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotReady: grpc.StatusCode.UNAVAILABLE,
+    ModelLoadError: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Cancelled: grpc.StatusCode.CANCELLED,
+}
+HANDLED = tuple(CODES)
+
+
+def code_of(error: Exception) -> grpc.StatusCode:
+    for kind, code in CODES.items():
+        if isinstance(error, kind):
+            return code
+    return grpc.StatusCode.INTERNAL

@@ -1,0 +1,274 @@
+"""The KServe v2 / Open Inference Protocol gRPC service (inference.GRPCInferenceService), Triton flavour.
+
+Each RPC: validate -> decode -> core -> encode. Inputs of ModelInfer: encoded images as BYTES [N,1] or [N],
+decoded UINT8 [N,H,W,3], or FP32 [N,3,H,W] in [0,1], as raw_input_contents or typed contents. Outputs:
+PROBABILITIES FP32 [N,classes]; with the classification extension (output parameter class_count = k) a
+BYTES [N,k] tensor of "score:index:label" strings, best first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+
+from atop_proto import grpc_service_pb2 as pb
+from atop_proto import grpc_service_pb2_grpc as pb_grpc
+from atop_server import __version__
+from atop_server.codec import array_from_raw, join_bytes_tensor, split_bytes_tensor
+from atop_server.core import InferenceCore, ServedModel
+from atop_server.errors import InvalidInput
+from atop_server.grpc_errors import HANDLED
+from atop_server.metrics import Metrics
+from atop_server.servicing import cancellation_token, request_id, rpc, time_left
+
+EXTENSIONS = ["classification", "model_configuration", "statistics"]
+PLATFORM = "onnxruntime_onnx"
+_ORT_TO_KSERVE = {"tensor(float)": "FP32", "tensor(uint8)": "UINT8", "tensor(float16)": "FP16"}
+_KSERVE_TO_CONFIG = {"FP32": pb.TYPE_FP32, "UINT8": pb.TYPE_UINT8, "FP16": pb.TYPE_FP16, "BYTES": pb.TYPE_STRING}
+_TYPED = {"UINT8": "uint_contents", "FP32": "fp32_contents", "BYTES": "bytes_contents"}
+
+
+def _shape(spec_shape: tuple) -> list[int]:
+    return [d if isinstance(d, int) else -1 for d in spec_shape]
+
+
+def _parameter(parameters: dict, name: str, default: int) -> int:
+    if name not in parameters:
+        return default
+    value = parameters[name]
+    kind = value.WhichOneof("parameter_choice")
+    if kind in ("int64_param", "uint64_param"):
+        return int(getattr(value, kind))
+    if kind == "string_param" and value.string_param.strip().isdigit():
+        return int(value.string_param)
+    raise InvalidInput(f"parameter {name!r} must be an integer, got {kind}")
+
+
+def _classification_strings(probabilities: np.ndarray, k: int, labels: list[str]) -> list[bytes]:
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return [f"{row[i]:f}:{i}:{labels[i]}".encode() for row, top in zip(probabilities, order, strict=True) for i in top]
+
+
+class KServeService(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, core: InferenceCore, metrics: Metrics, max_images: int) -> None:
+        self.core, self.metrics, self.max_images = core, metrics, max_images
+        # The error-mapping wrapper is applied per instance so that it records into this server's metrics.
+        for method, model_of in (
+            ("ModelReady", lambda r: r.name),
+            ("ModelMetadata", lambda r: r.name),
+            ("ModelInfer", lambda r: r.model_name),
+            ("ModelConfig", lambda r: r.name),
+            ("ModelStatistics", lambda r: r.name),
+            ("RepositoryIndex", lambda r: ""),
+        ):
+            handler = getattr(type(self), method)
+            setattr(self, method, rpc(method, metrics, model_of)(handler).__get__(self))
+
+    # -- health and metadata ------------------------------------------------------------------------------
+    def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=not self.core.closing)
+
+    def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.core.ready)
+
+    def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.ServicerContext) -> pb.ModelReadyResponse:
+        self.core.model(request.name, request.version)
+        return pb.ModelReadyResponse(ready=self.core.ready)
+
+    def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="atop-serve", version=__version__, extensions=EXTENSIONS)
+
+    def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        model = self.core.model(request.name, request.version)
+
+        def tensors(specs: tuple) -> list:
+            return [
+                pb.ModelMetadataResponse.TensorMetadata(
+                    name=s.name, datatype=_ORT_TO_KSERVE[s.datatype], shape=_shape(s.shape)
+                )
+                for s in specs
+            ]
+
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[str(v) for v in self.core.versions[model.name]],
+            platform=PLATFORM,
+            inputs=tensors(model.loaded.inputs),
+            outputs=tensors(model.loaded.outputs),
+        )
+
+    def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.ServicerContext) -> pb.ModelConfigResponse:
+        model = self.core.model(request.name, request.version)
+        batcher = self.core.config.batcher
+
+        def dims(spec_shape: tuple) -> list[int]:
+            return _shape(spec_shape)[1:]  # without the batch dimension, as max_batch_size > 0 implies
+
+        config = pb.ModelConfig(
+            name=model.name,
+            platform=PLATFORM,
+            backend="onnxruntime",
+            max_batch_size=batcher.max_batch_size,
+            input=[
+                pb.ModelInput(name=s.name, data_type=_KSERVE_TO_CONFIG[_ORT_TO_KSERVE[s.datatype]], dims=dims(s.shape))
+                for s in model.loaded.inputs
+            ],
+            output=[
+                pb.ModelOutput(
+                    name=s.name,
+                    data_type=_KSERVE_TO_CONFIG[_ORT_TO_KSERVE[s.datatype]],
+                    dims=dims(s.shape),
+                    label_filename="labels.txt",
+                )
+                for s in model.loaded.outputs
+            ],
+            dynamic_batching=pb.ModelDynamicBatching(max_queue_delay_microseconds=batcher.max_queue_delay_us),
+        )
+        return pb.ModelConfigResponse(config=config)
+
+    def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        names = [self.core.model(request.name, request.version).name] if request.name else list(self.core.models)
+
+        def duration(d: object) -> pb.StatisticDuration:
+            return pb.StatisticDuration(count=d.count, ns=int(d.seconds * 1e9))  # type: ignore[attr-defined]
+
+        out = []
+        for name in names:
+            served = self.core.models[name]
+            with served.lock:
+                s = served.stats
+                out.append(
+                    pb.ModelStatistics(
+                        name=name,
+                        version=str(served.loaded.version),
+                        last_inference=s.last_inference_ms,
+                        inference_count=s.inference_count,
+                        execution_count=s.execution_count,
+                        inference_stats=pb.InferStatistics(
+                            success=duration(s.success),
+                            fail=duration(s.fail),
+                            queue=duration(s.queue),
+                            compute_infer=duration(s.compute),
+                        ),
+                        batch_stats=[
+                            pb.InferBatchStatistics(batch_size=size, compute_infer=duration(d))
+                            for size, d in sorted(s.batch_compute.items())
+                        ],
+                    )
+                )
+        return pb.ModelStatisticsResponse(model_stats=out)
+
+    def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        state = "READY" if self.core.ready else "UNAVAILABLE"
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(name=name, version=str(model.loaded.version), state=state)
+                for name, model in self.core.models.items()
+            ]
+        )
+
+    # -- inference ----------------------------------------------------------------------------------------
+    def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
+        model = self.core.model(request.model_name, request.model_version)
+        images = self._images(request, model)
+        draws = _parameter(request.parameters, "draws", 1)
+        probabilities = self.core.classify(model, images, draws, time_left(context), cancellation_token(context))
+        return self._response(request, model, probabilities)
+
+    def ModelStreamInfer(
+        self, requests: Iterator[pb.ModelInferRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.ModelStreamInferResponse]:
+        for request in requests:
+            try:
+                model = self.core.model(request.model_name, request.model_version)
+                images = self._images(request, model)
+                probabilities = self.core.classify(
+                    model,
+                    images,
+                    _parameter(request.parameters, "draws", 1),
+                    time_left(context),
+                    cancellation_token(context),
+                )
+                yield pb.ModelStreamInferResponse(infer_response=self._response(request, model, probabilities))
+            except HANDLED as error:  # the stream goes on; this request's answer says what was wrong
+                yield pb.ModelStreamInferResponse(
+                    error_message=str(error), infer_response=pb.ModelInferResponse(id=request.id)
+                )
+
+    def _images(self, request: pb.ModelInferRequest, model: ServedModel) -> np.ndarray:
+        if len(request.inputs) != 1:
+            raise InvalidInput(
+                f"model {model.name} takes exactly one input ({model.input_name}), got {len(request.inputs)}"
+            )
+        tensor = request.inputs[0]
+        if tensor.name != model.input_name:
+            raise InvalidInput(f"model {model.name} has the input {model.input_name!r}, not {tensor.name!r}")
+        shape = tuple(tensor.shape)
+        if not shape or any(d <= 0 for d in shape):
+            raise InvalidInput(f"input shape {list(shape)} must have only positive dimensions")
+        if shape[0] > self.max_images:
+            raise InvalidInput(f"{shape[0]} images exceed the limit of {self.max_images} per request")
+        if tensor.datatype not in _TYPED:
+            raise InvalidInput(f"input datatype {tensor.datatype!r} is not BYTES (encoded images), UINT8 or FP32")
+        raw = self._raw(request)
+        if tensor.datatype == "BYTES":
+            if shape not in ((shape[0],), (shape[0], 1)):
+                raise InvalidInput(
+                    f"BYTES input must have shape [N] or [N,1] (one encoded image each), got {list(shape)}"
+                )
+            items = split_bytes_tensor(raw, shape[0]) if raw is not None else list(tensor.contents.bytes_contents)
+            if len(items) != shape[0]:
+                raise InvalidInput(f"BYTES input of shape {list(shape)} holds {len(items)} elements")
+            return self.core.decode(items, model.size)
+        if raw is not None:
+            array = array_from_raw(raw, tensor.datatype, shape)
+        else:
+            values = getattr(tensor.contents, _TYPED[tensor.datatype])
+            if len(values) != int(np.prod(shape)):
+                raise InvalidInput(f"{tensor.datatype} input of shape {list(shape)} holds {len(values)} values")
+            if tensor.datatype == "UINT8" and values and max(values) > 255:
+                raise InvalidInput("UINT8 contents hold values above 255")
+            array = np.asarray(values, dtype=np.uint8 if tensor.datatype == "UINT8" else np.float32).reshape(shape)
+        return self.core.validate_pixels(model, array)
+
+    @staticmethod
+    def _raw(request: pb.ModelInferRequest) -> bytes | None:
+        if not request.raw_input_contents:
+            return None
+        if len(request.raw_input_contents) != len(request.inputs):
+            raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents for {len(request.inputs)} inputs")
+        if request.inputs[0].HasField("contents"):
+            raise InvalidInput("an input has both contents and raw_input_contents")
+        return request.raw_input_contents[0]
+
+    def _response(
+        self, request: pb.ModelInferRequest, model: ServedModel, probabilities: np.ndarray
+    ) -> pb.ModelInferResponse:
+        response = pb.ModelInferResponse(
+            model_name=model.name, model_version=str(model.loaded.version), id=request_id(request.id)
+        )
+        requested = list(request.outputs) or [pb.ModelInferRequest.InferRequestedOutputTensor(name=model.output_name)]
+        for output in requested:
+            if output.name != model.output_name:
+                raise InvalidInput(f"model {model.name} has the output {model.output_name!r}, not {output.name!r}")
+            k = _parameter(output.parameters, "classification", 0) or _parameter(output.parameters, "class_count", 0)
+            if k:
+                if not 1 <= k <= model.num_classes:
+                    raise InvalidInput(f"class_count must be between 1 and {model.num_classes}, got {k}")
+                strings = _classification_strings(probabilities, k, model.loaded.labels)
+                response.outputs.add(name=output.name, datatype="BYTES", shape=[len(probabilities), k])
+                response.raw_output_contents.append(join_bytes_tensor(strings))
+            else:
+                response.outputs.add(name=output.name, datatype="FP32", shape=list(probabilities.shape))
+                response.raw_output_contents.append(probabilities.astype("<f4").tobytes())
+        return response

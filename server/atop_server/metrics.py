@@ -1,0 +1,61 @@
+"""Prometheus metrics, modelled on Triton's (request success/failure, inference and execution counts, queue
+and compute durations) plus a batch-size histogram; served over HTTP on their own port."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from atop_server.batcher import Execution
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "atop_requests", "gRPC requests by method, model and status code", ["method", "model", "code"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "atop_request_duration_seconds",
+            "gRPC request latency",
+            ["method", "model"],
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.inferences = Counter("atop_inference_count", "images classified (per model)", ["model"], registry=r)
+        self.executions = Counter(
+            "atop_inference_exec_count", "model executions (a dynamic batch counts once)", ["model"], registry=r
+        )
+        self.queue_seconds = Counter(
+            "atop_inference_queue_duration_seconds", "time requests waited in the queue", ["model"], registry=r
+        )
+        self.compute_seconds = Counter(
+            "atop_inference_compute_infer_duration_seconds", "model execution time", ["model"], registry=r
+        )
+        self.batch_size = Histogram(
+            "atop_batch_size",
+            "images per model execution",
+            ["model"],
+            registry=r,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+        )
+        self.queued_images = Gauge("atop_queue_images", "images waiting in the batcher", ["model"], registry=r)
+        self.ready = Gauge("atop_server_ready", "1 when the server reports ready", registry=r)
+        self.served: set[str] = set()  # model label values; anything else a client names is "unknown"
+
+    def model_label(self, name: str) -> str:
+        """Bounded label values: a client naming random models must not grow the metrics without end."""
+        return name if name in self.served else "unknown"
+
+    def record_execution(self, model: str, execution: Execution) -> None:
+        self.executions.labels(model).inc()
+        if not execution.failed:
+            self.inferences.labels(model).inc(execution.batch_size)
+        self.queue_seconds.labels(model).inc(sum(execution.queue_seconds))
+        self.compute_seconds.labels(model).inc(execution.compute_seconds)
+        self.batch_size.labels(model).observe(execution.batch_size)
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the /metrics HTTP endpoint; returns the bound port (port 0 picks a free one)."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server.server_address[1]
