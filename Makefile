@@ -38,10 +38,16 @@ format: install
 proto: install
 	$(RUN) python -m atop_proto.generate proto
 
+# The shipped default model repository (CIFAR-10, AToP purifier, 32 px); see model_repository/README.md.
+MODEL_REPOSITORY ?= model_repository
+
 serve: install
-	@echo "The gRPC server (atop-serve) is not built yet: see the open issue 'The gRPC inference server'." >&2
-	@echo "Until then, train with: $(RUN) atop-train --help" >&2
-	@exit 2
+	@if [ ! -d "$(MODEL_REPOSITORY)" ]; then \
+	  echo "No model repository at $(MODEL_REPOSITORY): the default models are not trained and exported yet" >&2; \
+	  echo "(open issues: 'Train and ship the default CIFAR-10 models', 'The exporter')." >&2; \
+	  echo "Serve your own: atop-export ... --repository DIR, then make serve MODEL_REPOSITORY=DIR" >&2; \
+	  exit 2; fi
+	$(RUN) atop-serve --model-repository $(MODEL_REPOSITORY)
 
 clean:
 	rm -rf .venv .tools .pytest_cache .ruff_cache

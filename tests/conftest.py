@@ -49,6 +49,56 @@ def extract_cifar_slice(root: Path, per_class: dict[str, int]) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository exported (with all of atop-export's checks) from small random-weight models."""
+    import torch
+
+    from atop_export.cli import main as export
+    from atop_models.checkpoint import save_model
+    from atop_models.classifiers import CLASSIFIERS
+    from atop_models.purifiers import PURIFIERS
+    from atop_models.rt import RTConfig
+
+    folder = tmp_path_factory.mktemp("tiny_models")
+    torch.manual_seed(0)
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    classifier_kwargs = {"num_classes": 10, "widths": [16, 32, 32], "head_scale": 1.0}
+    classifier = CLASSIFIERS.create("airbench", **classifier_kwargs)
+    classifier.init_whitening(torch.rand(64, 3, 32, 32))
+    purifier_kwargs = {"cnum": 8, "dilations": [2, 4]}
+    save_model(
+        folder / "classifier", classifier, "classifier", "airbench", classifier_kwargs, classes=classes, image_size=32
+    )
+    save_model(
+        folder / "purifier",
+        PURIFIERS.create("deepfillv2", **purifier_kwargs),
+        "purifier",
+        "deepfillv2",
+        purifier_kwargs,
+        image_size=32,
+        classes=classes,
+        rt=RTConfig().to_dict(),
+        pipeline={"output": "full", "draws": 1},
+    )
+    repository = folder / "repository"
+    export(
+        [
+            "--classifier",
+            str(folder / "classifier"),
+            "--purifier",
+            str(folder / "purifier"),
+            "--repository",
+            str(repository),
+            "--name",
+            "tiny",
+            "--parity-images",
+            "4",
+        ]
+    )
+    return repository
+
+
+@pytest.fixture(scope="session")
 def synthetic_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_synthetic_imagefolder(tmp_path_factory.mktemp("synthetic"), per_class=64)
 

@@ -1,0 +1,102 @@
+"""The dynamic batcher on its own, with a real (numpy) model function."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from atop_server.batcher import BatcherConfig, DynamicBatcher
+from atop_server.errors import DeadlineExceeded, NotReady, Overloaded
+
+
+class SlowModel:
+    """Doubles its input; takes `seconds` per execution; records every batch size."""
+
+    def __init__(self, seconds: float = 0.0):
+        self.seconds, self.batches = seconds, []
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.batches.append(len(batch))
+        time.sleep(self.seconds)
+        return batch * 2
+
+
+def test_a_lone_request_runs_at_once_and_gets_its_rows():
+    model = SlowModel()
+    batcher = DynamicBatcher(model, BatcherConfig(max_batch_size=8, max_queue_delay_us=500_000))
+    started = time.monotonic()
+    result = batcher.submit(np.arange(3.0)).result(timeout=5)
+    assert time.monotonic() - started < 0.25  # did not wait the 0.5 s delay for company
+    assert result.tolist() == [0.0, 2.0, 4.0]
+    batcher.close()
+
+
+def test_concurrent_requests_are_merged_and_split_back():
+    model = SlowModel(seconds=0.05)
+    batcher = DynamicBatcher(model, BatcherConfig(max_batch_size=64, max_queue_delay_us=2000))
+    with ThreadPoolExecutor(16) as pool:
+        futures = list(pool.map(lambda i: batcher.submit(np.full(2, float(i))), range(16)))
+        results = [f.result(timeout=10) for f in futures]
+    assert all(r.tolist() == [2.0 * i, 2.0 * i] for i, r in enumerate(results))
+    assert len(model.batches) < 16 and max(model.batches) > 2  # fewer executions than requests
+    batcher.close()
+
+
+def test_full_queue_refuses_at_once():
+    model = SlowModel(seconds=0.3)
+    batcher = DynamicBatcher(model, BatcherConfig(max_batch_size=4, max_queue_size=4))
+    first = batcher.submit(np.zeros(4))
+    time.sleep(0.05)  # the worker took it: the queue is empty again
+    batcher.submit(np.zeros(4))  # fills the queue
+    with pytest.raises(Overloaded, match="queue full"):
+        batcher.submit(np.zeros(1))
+    first.result(timeout=5)
+    batcher.close()
+
+
+def test_expired_and_cancelled_requests_are_skipped():
+    model = SlowModel(seconds=0.2)
+    batcher = DynamicBatcher(model, BatcherConfig(max_batch_size=2))
+    busy = batcher.submit(np.zeros(2))
+    time.sleep(0.05)
+    expired = batcher.submit(np.zeros(2), deadline=time.monotonic() + 0.01)
+    cancelled = batcher.submit(np.zeros(2))
+    assert cancelled.cancel()
+    survivor = batcher.submit(np.ones(2))
+    assert survivor.result(timeout=5).tolist() == [2.0, 2.0]
+    with pytest.raises(DeadlineExceeded):
+        expired.result(timeout=5)
+    busy.result(timeout=5)
+    assert model.batches == [2, 2]  # the expired and the cancelled request never ran
+    batcher.close()
+
+
+def test_a_failing_model_fails_every_request_of_the_batch_and_the_batcher_goes_on():
+    calls = []
+
+    def flaky(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("device lost")
+        return batch
+
+    gate = threading.Event()
+    batcher = DynamicBatcher(lambda b: (gate.wait(), flaky(b))[1], BatcherConfig(max_batch_size=8))
+    a, b = batcher.submit(np.zeros(1)), batcher.submit(np.zeros(1))
+    gate.set()
+    errors = [f.exception(timeout=5) for f in (a, b)]
+    assert any(isinstance(e, RuntimeError) for e in errors)
+    assert batcher.submit(np.ones(1)).result(timeout=5).tolist() == [1.0]
+    batcher.close()
+
+
+def test_close_finishes_queued_work_then_refuses():
+    model = SlowModel(seconds=0.05)
+    batcher = DynamicBatcher(model, BatcherConfig(max_batch_size=1))
+    futures = [batcher.submit(np.full(1, float(i))) for i in range(5)]
+    batcher.close()
+    assert [f.result(timeout=0).tolist() for f in futures] == [[2.0 * i] for i in range(5)]
+    with pytest.raises(NotReady):
+        batcher.submit(np.zeros(1))
