@@ -43,7 +43,7 @@ class DefendedClassifier(nn.Module):
     def __init__(
         self,
         rt: RandomTransform,
-        purifier: nn.Module,
+        purifier: nn.Module | None,
         classifier: nn.Module,
         config: PipelineConfig = PipelineConfig(),
     ) -> None:
@@ -58,7 +58,10 @@ class DefendedClassifier(nn.Module):
         return self.restore(*self.rt(x, generator))
 
     def restore(self, x_rt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The purifier's answer to an RT'd image, as the classifier sees it (full or composite output)."""
+        """The purifier's answer to an RT'd image, as the classifier sees it (full or composite output).
+        Without a purifier (the RT-only baseline) the classifier sees the RT'd image itself."""
+        if self.purifier is None:
+            return x_rt
         return compose(x_rt, mask, self.purifier(x_rt, mask)[1], self.config.output)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""`atop-eval`: adaptive attacks through the whole defended pipeline, baselines, reports and plots."""

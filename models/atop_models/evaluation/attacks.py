@@ -1,0 +1,102 @@
+"""The attacks atop-eval runs, by name, with optional overrides: "pgd-eot", "pgd-eot:steps=400:eot=40".
+
+pgd-eot          PGD with EOT over RT draws through the whole defense (exact gradients; ours)
+apgd-ce/-dlr     APGD with EOT (torchattacks, a maintained implementation of AutoAttack's APGD)
+autoattack-rand  AutoAttack's version for randomized defenses: APGD-CE, then APGD-DLR on the survivors
+fgsm             one signed-gradient step (EOT-averaged gradient) through the whole defense
+transfer-pgd     PGD on the bare classifier, then evaluated on the defense: NON-ADAPTIVE (upstream's protocol)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torchattacks
+from torch import nn
+
+from atop_models.attacks import FGSM, PGD, EOTGradient, Norm
+
+ADAPTIVE = ("pgd-eot", "apgd-ce", "apgd-dlr", "autoattack-rand", "fgsm")
+NAMES = (*ADAPTIVE, "transfer-pgd")
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    name: str
+    steps: int
+    eot: int
+    step_size_factor: float = 2.5  # PGD step = factor * epsilon / steps (Madry et al.'s rule)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.name in ADAPTIVE
+
+    @property
+    def label(self) -> str:
+        if self.name == "fgsm":
+            return f"fgsm (EOT {self.eot})"
+        if self.name == "transfer-pgd":
+            return f"transfer-pgd ({self.steps} steps on the bare classifier; non-adaptive)"
+        return f"{self.name} ({self.steps} steps, EOT {self.eot})"
+
+
+def parse(text: str, pgd_steps: int, apgd_steps: int, eot: int) -> AttackSpec:
+    name, *overrides = text.split(":")
+    if name not in NAMES:
+        raise ValueError(f"unknown attack {name!r}; known: {', '.join(NAMES)}")
+    steps = apgd_steps if name.startswith(("apgd", "autoattack")) else pgd_steps
+    spec = AttackSpec(name, 1 if name == "fgsm" else steps, eot)
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key not in ("steps", "eot", "step_size_factor"):
+            raise ValueError(f"attack override {override!r}: only steps=, eot=, step_size_factor=")
+        spec = replace(spec, **{key: type(getattr(spec, key))(value)})
+    return spec
+
+
+def _apgd(
+    model: nn.Module, loss: str, norm: Norm, epsilon: float, steps: int, eot: int, seed: int
+) -> torchattacks.APGD:
+    return torchattacks.APGD(
+        model,
+        norm="Linf" if norm == "linf" else "L2",
+        eps=epsilon,
+        steps=steps,
+        n_restarts=1,
+        seed=seed,
+        loss=loss,
+        eot_iter=eot,
+        rho=0.75,
+    )
+
+
+def run(
+    spec: AttackSpec,
+    defense: nn.Module,
+    classifier: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    norm: Norm,
+    epsilon: float,
+    randomized: bool,
+    seed: int,
+) -> torch.Tensor:
+    """Adversarial examples for (x, y). EOT is used only against a randomized defense (1 draw is exact else)."""
+    eot = spec.eot if randomized else 1
+    step = spec.step_size_factor * epsilon / max(spec.steps, 1)
+    if spec.name == "pgd-eot":
+        return PGD(EOTGradient(defense, eot), epsilon, step, spec.steps, norm)(x, y)
+    if spec.name == "fgsm":
+        return FGSM(EOTGradient(defense, eot), epsilon, norm)(x, y)
+    if spec.name == "transfer-pgd":
+        return PGD(EOTGradient(classifier, 1), epsilon, step, spec.steps, norm)(x, y)
+    if spec.name in ("apgd-ce", "apgd-dlr"):
+        return _apgd(defense, spec.name[5:], norm, epsilon, spec.steps, eot, seed)(x, y).detach()
+    # autoattack-rand: the DLR run attacks only the points APGD-CE did not break.
+    x_adv = _apgd(defense, "ce", norm, epsilon, spec.steps, eot, seed)(x, y).detach()
+    with torch.no_grad():
+        alive = defense(x_adv).argmax(1) == y
+    if alive.any():
+        x_adv[alive] = _apgd(defense, "dlr", norm, epsilon, spec.steps, eot, seed)(x[alive], y[alive]).detach()
+    return x_adv

@@ -1,0 +1,57 @@
+"""The defenses compared, built by name from checkpoints, all as image [0,1] -> logits modules.
+
+  undefended     the bare classifier
+  rt             RT, then the classifier (no purifier)
+  rt+pretrained  RT, the purifier before AToP fine-tuning, the classifier
+  rt+atop        RT, the AToP fine-tuned purifier, the classifier
+A suffix `@K` averages K RT draws per image (e.g. rt+atop@4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from atop_models.checkpoint import load_model
+from atop_models.pipeline import DefendedClassifier, PipelineConfig
+from atop_models.rt import RandomTransform, RTConfig
+
+NAMES = ("undefended", "rt", "rt+pretrained", "rt+atop")
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    classifier: str
+    pretrained: str = ""  # purifier checkpoint before AToP
+    atop: str = ""  # AToP fine-tuned purifier checkpoint
+
+
+def parse(name: str) -> tuple[str, int]:
+    base, _, draws = name.partition("@")
+    if base not in NAMES:
+        raise ValueError(f"unknown defense {base!r}; known: {', '.join(NAMES)} (optionally @K draws)")
+    return base, int(draws or 1)
+
+
+def build(name: str, checkpoints: Checkpoints, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """(defense, its bare classifier), both in eval mode on `device`, gradients off for their weights."""
+    base, draws = parse(name)
+    classifier, _ = load_model(checkpoints.classifier, "classifier")
+    classifier = classifier.eval().to(device).requires_grad_(False)
+    if base == "undefended":
+        return classifier, classifier
+    purifier_path = {
+        "rt": checkpoints.atop or checkpoints.pretrained,
+        "rt+pretrained": checkpoints.pretrained,
+        "rt+atop": checkpoints.atop,
+    }[base]
+    if not purifier_path:
+        raise ValueError(f"defense {name!r} needs the {'--' + base.split('+')[-1]} purifier checkpoint")
+    purifier, record = load_model(purifier_path, "purifier")
+    rt = RandomTransform(RTConfig(**record["rt"]))
+    config = PipelineConfig(record["pipeline"]["output"], draws)
+    restorer = None if base == "rt" else purifier.eval().requires_grad_(False)  # rt: only the RT settings are used
+    defense = DefendedClassifier(rt, restorer, classifier, config)
+    return defense.eval().to(device), classifier

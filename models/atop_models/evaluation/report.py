@@ -1,0 +1,176 @@
+"""results.json, report.md, accuracy-vs-epsilon plots and example grids from evaluation rows."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+import torch
+
+from atop_models.pipeline import DefendedClassifier
+
+SLACK = 0.05  # accuracy points by which a 'stronger' attack may exceed a weaker one before the check fails
+
+
+def sanity_checks(rows: list[dict]) -> list[dict[str, Any]]:
+    """Carlini et al. (2019): large epsilon breaks everything; iterative beats single-step; white-box beats
+    transfer; doubling steps or EOT changes little."""
+    checks = []
+    for r in (r for r in rows if r["attack_name"] == "pgd-eot"):
+        for other in rows:
+            if (other["defense"], other["norm"], other["epsilon"]) != (r["defense"], r["norm"], r["epsilon"]):
+                continue
+            weaker = r["robust_accuracy"] <= other["robust_accuracy"] + SLACK
+            if other["attack_name"] == "fgsm":
+                checks.append(_check("iterative >= single-step", r, other, weaker))
+            elif other["attack_name"] == "transfer-pgd":
+                checks.append(_check("white-box >= transfer", r, other, weaker))
+            elif other["attack_name"] == "pgd-eot" and (
+                other["steps"] >= 2 * r["steps"] or other["eot"] >= 2 * r["eot"]
+            ):
+                close = abs(r["robust_accuracy"] - other["robust_accuracy"]) <= SLACK
+                checks.append(_check("doubling steps/EOT changes little", r, other, close))
+    curves = defaultdict(list)
+    for r in rows:
+        if r["adaptive"] and r["attack_name"] != "fgsm":
+            curves[(r["defense"], r["attack"], r["norm"])].append(r)
+    for (defense, attack, norm), curve in curves.items():
+        if len(curve) >= 3:
+            largest = max(curve, key=lambda r: r["epsilon"])
+            detail = f"{attack}, {norm} eps {largest['epsilon']:.4g}: {largest['robust_accuracy']:.3f}"
+            checks.append(
+                {
+                    "check": "accuracy -> ~0 at large epsilon",
+                    "defense": defense,
+                    "detail": detail,
+                    "passed": largest["robust_accuracy"] <= SLACK,
+                }
+            )
+    return checks
+
+
+def _check(name: str, strong: dict, weak: dict, passed: bool) -> dict[str, Any]:
+    detail = f"{strong['attack']}: {strong['robust_accuracy']:.3f} vs {weak['attack']}: {weak['robust_accuracy']:.3f}"
+    return {"check": name, "defense": strong["defense"], "passed": passed, "detail": detail}
+
+
+def example_file(defense: str) -> str:
+    return f"examples_{defense.replace('+', '_').replace('@', '_')}.png"
+
+
+def plot_curves(rows: list[dict], path: Path) -> bool:
+    curves = defaultdict(list)
+    for r in rows:
+        if r["adaptive"]:
+            curves[(r["norm"], r["attack"], r["defense"])].append(r)
+    panels = sorted({(norm, attack) for norm, attack, _ in curves if len(curves[(norm, attack, _)]) >= 2})
+    if not panels:
+        return False
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for axis, (norm, attack) in zip(axes[0], panels, strict=True):
+        for (n, a, defense), curve in sorted(curves.items()):
+            if (n, a) == (norm, attack):
+                curve = sorted(curve, key=lambda r: r["epsilon"])
+                scale = 255 if norm == "linf" else 1
+                axis.errorbar(
+                    [r["epsilon"] * scale for r in curve],
+                    [r["robust_accuracy"] for r in curve],
+                    yerr=[
+                        [r["robust_accuracy"] - r["ci95"][0] for r in curve],
+                        [r["ci95"][1] - r["robust_accuracy"] for r in curve],
+                    ],
+                    marker="o",
+                    capsize=3,
+                    label=defense,
+                )
+        axis.set_xlabel("epsilon (x/255)" if norm == "linf" else "epsilon (l2)")
+        axis.set_ylabel("robust accuracy")
+        axis.set_title(f"{norm}: {attack}", fontsize=9)
+        axis.set_ylim(0, 1)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+@torch.no_grad()
+def plot_examples(
+    defense_name: str, defense: torch.nn.Module, classes: list[str], x: torch.Tensor, x_adv: torch.Tensor, path: Path
+) -> None:
+    """Rows: clean, adversarial, adversarial after RT, purified (one RT draw); titles: predicted labels."""
+    device = next(defense.parameters()).device
+    x, x_adv = x.to(device), x_adv.to(device)
+    panels = [("clean", x, defense(x)), ("adversarial", x_adv, defense(x_adv))]
+    if isinstance(defense, DefendedClassifier):
+        x_rt, mask = defense.rt(x_adv)
+        purified = defense.restore(x_rt, mask)
+        panels += [("after RT", x_rt, None), ("purified", purified, defense.classifier(purified))]
+    figure, axes = plt.subplots(len(panels), len(x), figsize=(1.3 * len(x), 1.5 * len(panels)), squeeze=False)
+    for r, (name, images, logits) in enumerate(panels):
+        for c in range(len(x)):
+            axis = axes[r][c]
+            axis.imshow(images[c].permute(1, 2, 0).clamp(0, 1).cpu().numpy())
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if logits is not None:
+                axis.set_title(classes[int(logits[c].argmax())], fontsize=7)
+            if c == 0:
+                axis.set_ylabel(name, fontsize=8)
+    figure.suptitle(defense_name, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write(rows: list[dict], out: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    checks = sanity_checks(rows)
+    payload = {"rows": rows, "sanity_checks": checks, **meta}
+    (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    has_curve = plot_curves(rows, out / "accuracy_vs_epsilon.png")
+    lines = [
+        "# Robustness evaluation",
+        "",
+        f"Command: `{meta.get('command', '')}`",
+        "",
+        f"Images: {rows[0]['n'] if rows else 0} test images of {meta.get('data', '?')}, the same for every row.",
+        "Robust = correct on the clean image and on the adversarial one (one RT draw each).",
+        "",
+        "| defense | attack | norm | epsilon | n | clean | robust | 95% CI |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        eps = f"{r['epsilon'] * 255:.3g}/255" if r["norm"] == "linf" else f"{r['epsilon']:.3g}"
+        lines.append(
+            f"| {r['defense']} | {r['attack']} | {r['norm']} | {eps} | {r['n']} | {r['clean_accuracy']:.3f} "
+            f"| {r['robust_accuracy']:.3f} | {r['ci95'][0]:.3f}-{r['ci95'][1]:.3f} |"
+        )
+    if checks:
+        lines += [
+            "",
+            "## Sanity checks (Carlini et al. 2019)",
+            "",
+            "| check | defense | figures | passed |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {c['check']} | {c['defense']} | {c['detail']} | {'yes' if c['passed'] else '**no**'} |" for c in checks
+        ]
+    if has_curve:
+        lines += ["", "![accuracy vs epsilon](accuracy_vs_epsilon.png)"]
+    lines += [
+        "",
+        *[
+            f"![{name}](examples_{name.replace('+', '_').replace('@', '_')}.png)"
+            for name in meta.get("example_defenses", [])
+        ],
+    ]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return payload

@@ -1,0 +1,135 @@
+"""The evaluation loop: every (defense, attack, norm, epsilon) row on the same test images, batch by batch.
+
+Progress is appended to <out>/progress.jsonl after every batch, so an interrupted evaluation resumes where it
+stopped. Each batch's attack is seeded from (seed, row, batch): rerunning a row reproduces it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from atop_models.attacks import Norm
+from atop_models.data import BatchLoader, ImageArrays, LoaderConfig
+from atop_models.evaluation import attacks, defenses
+
+
+@dataclass(frozen=True)
+class Row:
+    defense: str
+    attack: attacks.AttackSpec
+    norm: Norm
+    epsilon: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.defense}|{self.attack.name}|{self.attack.steps}|{self.attack.eot}|{self.norm}|{self.epsilon:.6g}"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    checkpoints: defenses.Checkpoints
+    defenses: tuple[str, ...] = ("undefended", "rt", "rt+pretrained", "rt+atop")
+    attacks: tuple[str, ...] = ("pgd-eot",)
+    norms: tuple[Norm, ...] = ("linf",)
+    linf_epsilons: tuple[float, ...] = (8 / 255,)
+    l2_epsilons: tuple[float, ...] = (0.5,)
+    pgd_steps: int = 200  # Lee & Kim 2023's PGD-EOT
+    apgd_steps: int = 100  # AutoAttack's rand version (upstream ran 10)
+    eot: int = 20  # RT draws averaged per gradient
+    batch_size: int = 64
+    seed: int = 0
+    grid_images: int = 8  # images in each defense's example grid
+    extra: dict[str, Any] = field(default_factory=dict)  # recorded in the report (data, command)
+
+    def rows(self) -> list[Row]:
+        specs = [attacks.parse(a, self.pgd_steps, self.apgd_steps, self.eot) for a in self.attacks]
+        epsilons = {"linf": self.linf_epsilons, "l2": self.l2_epsilons}
+        return [Row(d, s, n, e) for d in self.defenses for s in specs for n in self.norms for e in epsilons[n]]
+
+
+def wilson95(successes: int, n: int) -> list[float]:
+    """95% Wilson score interval of a proportion (sound at 0 and 1, unlike the normal approximation)."""
+    if n == 0:
+        return [0.0, 1.0]
+    z, p = 1.959964, successes / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, center - half), min(1.0, center + half)]
+
+
+def _check_budget(x: torch.Tensor, x_adv: torch.Tensor, norm: Norm, epsilon: float, row: Row) -> None:
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().max(1).values if norm == "linf" else delta.norm(dim=1)
+    if (size > epsilon * (1 + 1e-4) + 1e-6).any() or x_adv.min() < 0 or x_adv.max() > 1:
+        raise RuntimeError(f"{row.key}: the attack left the {norm} ball of {epsilon:.4g} or [0,1]")
+
+
+def evaluate(config: EvalConfig, data: ImageArrays, out: Path, device: torch.device) -> tuple[list[dict], dict]:
+    """Run every row (resuming), return (result rows, example batches per defense for the image grids)."""
+    out.mkdir(parents=True, exist_ok=True)
+    progress = out / "progress.jsonl"
+    done: dict[tuple[str, int], dict] = {}
+    if progress.exists():
+        for line in progress.read_text().splitlines():
+            record = json.loads(line)
+            done[(record["row"], record["batch"])] = record
+    size = data.images.shape[-1]
+    loader = BatchLoader(data, LoaderConfig(config.batch_size, size, shuffle=False, drop_last=False), device)
+    built: dict[str, tuple] = {}
+    results, examples = [], {}
+    rows = config.rows()
+    for row in tqdm(rows, desc="rows", unit="row"):
+        if row.defense not in built:
+            built[row.defense] = defenses.build(row.defense, config.checkpoints, device)
+        defense, classifier = built[row.defense]
+        randomized = row.defense != "undefended"
+        clean = robust = n = 0
+        for batch, (x, y) in enumerate(tqdm(loader, desc=row.key, leave=False, unit="batch")):
+            record = done.get((row.key, batch))
+            if record is None:
+                torch.manual_seed(config.seed * 1_000_003 + zlib.crc32(row.key.encode()) + batch)
+                with torch.no_grad():
+                    clean_ok = defense(x).argmax(1) == y
+                x_adv = attacks.run(
+                    row.attack, defense, classifier, x, y, row.norm, row.epsilon, randomized, config.seed + batch
+                )
+                _check_budget(x, x_adv, row.norm, row.epsilon, row)
+                with torch.no_grad():
+                    adv_ok = defense(x_adv).argmax(1) == y
+                record = {
+                    "row": row.key,
+                    "batch": batch,
+                    "n": len(y),
+                    "clean": int(clean_ok.sum()),
+                    "robust": int((clean_ok & adv_ok).sum()),
+                }
+                with open(progress, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if batch == 0 and row.attack.adaptive and row.defense not in examples:
+                    examples[row.defense] = (x[: config.grid_images].cpu(), x_adv[: config.grid_images].cpu())
+            clean, robust, n = clean + record["clean"], robust + record["robust"], n + record["n"]
+        results.append(
+            {
+                "defense": row.defense,
+                "attack": row.attack.label,
+                "attack_name": row.attack.name,
+                "adaptive": row.attack.adaptive,
+                "steps": row.attack.steps,
+                "eot": row.attack.eot if randomized else 1,
+                "norm": row.norm,
+                "epsilon": row.epsilon,
+                "n": n,
+                "clean_accuracy": clean / n,
+                "robust_accuracy": robust / n,
+                "ci95": wilson95(robust, n),
+            }
+        )
+    return results, {"examples": examples, "models": built}
