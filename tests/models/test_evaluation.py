@@ -1,0 +1,170 @@
+"""Attacks and atop-eval on a small trained classifier (and a random-weight purifier for the pipeline)."""
+
+import json
+
+import pytest
+import torch
+import torchattacks
+
+from atop_models.attacks import FGSM, PGD, EOTGradient
+from atop_models.checkpoint import load_model, save_model
+from atop_models.data import load_split
+from atop_models.evaluation import attacks as eval_attacks
+from atop_models.evaluation.cli import main as atop_eval
+from atop_models.evaluation.runner import wilson95
+from atop_models.pipeline import DefendedClassifier, PipelineConfig
+from atop_models.purifiers import PURIFIERS
+from atop_models.rt import RandomTransform, RTConfig
+from atop_models.train.cli import main as atop_train
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_folder, tmp_path_factory):
+    """A classifier trained on the generated set, a random-weight purifier, and the test images."""
+    out = tmp_path_factory.mktemp("eval_models")
+    atop_train(
+        [
+            "classifier",
+            "--out",
+            str(out / "cls"),
+            "--data-source",
+            str(synthetic_folder),
+            "--data-cache-dir",
+            str(out / "cache"),
+            "--data-eval-images",
+            "0",
+            "--epochs",
+            "4",
+            "--lr",
+            "0.4",
+            "--batch-size",
+            "32",
+            "--arch-kwargs",
+            '{"widths": [16, 32, 32]}',
+        ]
+    )
+    torch.manual_seed(0)
+    kwargs = {"cnum": 8, "dilations": [2, 4]}
+    save_model(
+        out / "purifier",
+        PURIFIERS.create("deepfillv2", **kwargs),
+        "purifier",
+        "deepfillv2",
+        kwargs,
+        image_size=32,
+        rt=RTConfig().to_dict(),
+        pipeline={"output": "full", "draws": 1},
+    )
+    classifier = load_model(out / "cls" / "classifier", "classifier")[0].eval()
+    test = load_split(synthetic_folder, "test", 32, out / "cache")
+    return out, classifier, test.images.float() / 255, test.labels, synthetic_folder
+
+
+def accuracy(model, x, y) -> float:
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def test_pgd_breaks_the_undefended_classifier_and_agrees_with_torchattacks(trained):
+    _, classifier, x, y, _ = trained
+    assert accuracy(classifier, x, y) > 0.9
+    torch.manual_seed(0)
+    ours = accuracy(classifier, PGD(EOTGradient(classifier), 8 / 255, 2 / 255, 20)(x, y), y)
+    theirs = accuracy(classifier, torchattacks.PGD(classifier, eps=8 / 255, alpha=2 / 255, steps=20)(x, y), y)
+    assert ours <= 0.05 and abs(ours - theirs) <= 0.05
+    assert accuracy(classifier, FGSM(EOTGradient(classifier), 8 / 255)(x, y), y) >= ours  # single step is weaker
+
+
+@pytest.mark.parametrize("norm,epsilon", [("linf", 8 / 255), ("l2", 0.5)])
+@pytest.mark.parametrize("name", ["pgd-eot", "fgsm", "transfer-pgd", "apgd-ce", "autoattack-rand"])
+def test_attacks_stay_in_the_ball_and_in_range(trained, name, norm, epsilon):
+    out, classifier, x, y, _ = trained
+    purifier = load_model(out / "purifier", "purifier")[0].eval().requires_grad_(False)
+    defense = DefendedClassifier(RandomTransform(RTConfig()), purifier, classifier, PipelineConfig()).eval()
+    spec = eval_attacks.parse(f"{name}:steps=3:eot=2", 3, 3, 2)
+    x_adv = eval_attacks.run(spec, defense, classifier, x[:8], y[:8], norm, epsilon, randomized=True, seed=0)
+    delta = (x_adv - x[:8]).flatten(1)
+    size = delta.abs().max(1).values if norm == "linf" else delta.norm(dim=1)
+    assert (size <= epsilon + 1e-5).all() and x_adv.min() >= 0 and x_adv.max() <= 1
+    if not name.startswith(("apgd", "autoattack")):  # APGD leaves already-misclassified images as they are
+        assert (size > 0).any()
+
+
+@pytest.mark.parametrize("name", ["apgd-ce", "apgd-dlr", "autoattack-rand"])
+def test_apgd_breaks_the_undefended_classifier(trained, name):
+    _, classifier, x, y, _ = trained
+    spec = eval_attacks.parse(f"{name}:steps=10", 10, 10, 1)
+    x_adv = eval_attacks.run(spec, classifier, classifier, x, y, "linf", 8 / 255, randomized=False, seed=0)
+    assert accuracy(classifier, x_adv, y) <= 0.1
+
+
+def test_eot_averages_independent_draws(trained):
+    out, classifier, x, y, _ = trained
+    purifier = load_model(out / "purifier", "purifier")[0].eval()
+    defense = DefendedClassifier(RandomTransform(RTConfig()), purifier, classifier, PipelineConfig()).eval()
+    x, y = x[:4], y[:4]
+    torch.manual_seed(7)
+    averaged = EOTGradient(defense, eot=4)(x, y)
+    torch.manual_seed(7)
+    singles = [EOTGradient(defense, eot=1)(x, y) for _ in range(4)]
+    assert torch.allclose(averaged, torch.stack(singles).mean(0), atol=1e-6)
+    assert not torch.allclose(singles[0], singles[1])  # each pass drew its own RT
+
+
+def test_wilson_interval():
+    assert wilson95(0, 100)[0] == 0.0 and 0.03 < wilson95(0, 100)[1] < 0.04
+    low, high = wilson95(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-3) and high == pytest.approx(0.5962, abs=1e-3)
+
+
+def test_atop_eval_writes_report_and_resumes(trained, tmp_path):
+    out, _, _, _, folder = trained
+    args = [
+        "--classifier",
+        str(out / "cls" / "classifier"),
+        "--pretrained",
+        str(out / "purifier"),
+        "--atop",
+        str(out / "purifier"),
+        "--out",
+        str(tmp_path / "eval"),
+        "--data-source",
+        str(folder),
+        "--data-cache-dir",
+        str(out / "cache"),
+        "--images",
+        "16",
+        "--batch-size",
+        "8",
+        "--pgd-steps",
+        "3",
+        "--eot",
+        "2",
+        "--attacks",
+        "pgd-eot",
+        "fgsm",
+        "transfer-pgd",
+        "--linf-epsilons",
+        "2/255",
+        "8/255",
+        "64/255",
+        "--defenses",
+        "undefended",
+        "rt+atop@2",
+    ]
+    atop_eval(args)
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    keys = {"defense", "attack", "norm", "epsilon", "n", "clean_accuracy", "robust_accuracy", "ci95"}
+    assert len(results["rows"]) == 2 * 3 * 3 and all(keys <= set(r) for r in results["rows"])
+    undefended = {(r["attack_name"], r["epsilon"]): r for r in results["rows"] if r["defense"] == "undefended"}
+    assert undefended[("pgd-eot", 64 / 255)]["robust_accuracy"] <= 0.1
+    checks = {c["check"] for c in results["sanity_checks"]}
+    assert {"iterative >= single-step", "white-box >= transfer", "accuracy -> ~0 at large epsilon"} <= checks
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "| undefended | pgd-eot" in report and "Sanity checks" in report
+    for png in ("accuracy_vs_epsilon.png", "examples_undefended.png", "examples_rt_atop_2.png"):
+        assert (tmp_path / "eval" / png).stat().st_size > 5000
+    progress = (tmp_path / "eval" / "progress.jsonl").read_text().splitlines()
+    assert len(progress) == 2 * 3 * 3 * 2  # rows x batches
+    atop_eval(args)  # everything done: resumes without recomputing
+    assert (tmp_path / "eval" / "progress.jsonl").read_text().splitlines() == progress
