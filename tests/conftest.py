@@ -48,26 +48,28 @@ def extract_cifar_slice(root: Path, per_class: dict[str, int]) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model repository exported (with all of atop-export's checks) from small random-weight models."""
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def make_tiny_checkpoints(
+    folder: Path, size: int = 32, output: str = "full", classes: list[str] = CIFAR_CLASSES
+) -> tuple[Path, Path]:
+    """Small random-weight classifier and purifier checkpoints, as atop-train writes them."""
     import torch
 
-    from atop_export.cli import main as export
     from atop_models.checkpoint import save_model
     from atop_models.classifiers import CLASSIFIERS
     from atop_models.purifiers import PURIFIERS
     from atop_models.rt import RTConfig
 
-    folder = tmp_path_factory.mktemp("tiny_models")
-    torch.manual_seed(0)
-    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    classifier_kwargs = {"num_classes": 10, "widths": [16, 32, 32], "head_scale": 1.0}
+    torch.manual_seed(size)
+    # head_scale 1: random weights then give confident, varied predictions, so parity compares real rankings.
+    classifier_kwargs = {"num_classes": len(classes), "widths": [16, 32, 32], "head_scale": 1.0}
     classifier = CLASSIFIERS.create("airbench", **classifier_kwargs)
     classifier.init_whitening(torch.rand(64, 3, 32, 32))
     purifier_kwargs = {"cnum": 8, "dilations": [2, 4]}
     save_model(
-        folder / "classifier", classifier, "classifier", "airbench", classifier_kwargs, classes=classes, image_size=32
+        folder / "classifier", classifier, "classifier", "airbench", classifier_kwargs, classes=classes, image_size=size
     )
     save_model(
         folder / "purifier",
@@ -75,18 +77,28 @@ def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "purifier",
         "deepfillv2",
         purifier_kwargs,
-        image_size=32,
+        image_size=size,
         classes=classes,
         rt=RTConfig().to_dict(),
-        pipeline={"output": "full", "draws": 1},
+        pipeline={"output": output, "draws": 1},
     )
+    return folder / "classifier", folder / "purifier"
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository exported (with all of atop-export's checks) from small random-weight models."""
+    from atop_export.cli import main as export
+
+    folder = tmp_path_factory.mktemp("tiny_models")
+    classifier, purifier = make_tiny_checkpoints(folder)
     repository = folder / "repository"
     export(
         [
             "--classifier",
-            str(folder / "classifier"),
+            str(classifier),
             "--purifier",
-            str(folder / "purifier"),
+            str(purifier),
             "--repository",
             str(repository),
             "--name",
@@ -96,6 +108,36 @@ def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ]
     )
     return repository
+
+
+@pytest.fixture(scope="session")
+def trained_classifier(synthetic_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder of `atop-train classifier` on the generated 4-class set (4 epochs, a few seconds)."""
+    from atop_models.train.cli import main as atop_train
+
+    out = tmp_path_factory.mktemp("classifier")
+    atop_train(
+        [
+            "classifier",
+            "--out",
+            str(out),
+            "--data-source",
+            str(synthetic_folder),
+            "--data-cache-dir",
+            str(out / "cache"),
+            "--data-eval-images",
+            "0",
+            "--epochs",
+            "4",
+            "--lr",
+            "0.4",
+            "--batch-size",
+            "32",
+            "--arch-kwargs",
+            '{"widths": [16, 32, 32]}',
+        ]
+    )
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -7,13 +7,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import make_tiny_checkpoints
 
 from atop_export import checks
 from atop_export.cli import main
 from atop_export.exporter import load_pipeline
-from atop_models.checkpoint import save_model
-from atop_models.classifiers import CLASSIFIERS
-from atop_models.purifiers import PURIFIERS
 from atop_models.rt import RTConfig
 from atop_server.repository import ModelLoadError, ModelNotFoundError, list_models, load_model
 
@@ -21,28 +19,7 @@ CLASSES = [f"class{i}" for i in range(5)]
 
 
 def make_checkpoints(folder: Path, size: int, output: str = "full") -> tuple[Path, Path]:
-    torch.manual_seed(size)
-    # head_scale 1: random weights then give confident, varied predictions, so parity compares real rankings.
-    classifier_kwargs = {"num_classes": len(CLASSES), "widths": [16, 32, 32], "head_scale": 1.0}
-    classifier = CLASSIFIERS.create("airbench", **classifier_kwargs)
-    classifier.init_whitening(torch.rand(64, 3, 32, 32))
-    purifier_kwargs = {"cnum": 8, "dilations": [2, 4]}
-    purifier = PURIFIERS.create("deepfillv2", **purifier_kwargs)
-    save_model(
-        folder / "classifier", classifier, "classifier", "airbench", classifier_kwargs, classes=CLASSES, image_size=size
-    )
-    save_model(
-        folder / "purifier",
-        purifier,
-        "purifier",
-        "deepfillv2",
-        purifier_kwargs,
-        image_size=size,
-        classes=CLASSES,
-        rt=RTConfig().to_dict(),
-        pipeline={"output": output, "draws": 1},
-    )
-    return folder / "classifier", folder / "purifier"
+    return make_tiny_checkpoints(folder, size, output, CLASSES)
 
 
 @pytest.fixture(scope="module")

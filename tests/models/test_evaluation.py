@@ -15,34 +15,12 @@ from atop_models.evaluation.runner import wilson95
 from atop_models.pipeline import DefendedClassifier, PipelineConfig
 from atop_models.purifiers import PURIFIERS
 from atop_models.rt import RandomTransform, RTConfig
-from atop_models.train.cli import main as atop_train
 
 
 @pytest.fixture(scope="module")
-def trained(synthetic_folder, tmp_path_factory):
-    """A classifier trained on the generated set, a random-weight purifier, and the test images."""
+def trained(synthetic_folder, trained_classifier, tmp_path_factory):
+    """The trained classifier, a random-weight purifier, and the generated test images."""
     out = tmp_path_factory.mktemp("eval_models")
-    atop_train(
-        [
-            "classifier",
-            "--out",
-            str(out / "cls"),
-            "--data-source",
-            str(synthetic_folder),
-            "--data-cache-dir",
-            str(out / "cache"),
-            "--data-eval-images",
-            "0",
-            "--epochs",
-            "4",
-            "--lr",
-            "0.4",
-            "--batch-size",
-            "32",
-            "--arch-kwargs",
-            '{"widths": [16, 32, 32]}',
-        ]
-    )
     torch.manual_seed(0)
     kwargs = {"cnum": 8, "dilations": [2, 4]}
     save_model(
@@ -55,8 +33,9 @@ def trained(synthetic_folder, tmp_path_factory):
         rt=RTConfig().to_dict(),
         pipeline={"output": "full", "draws": 1},
     )
+    (out / "cls").symlink_to(trained_classifier)
     classifier = load_model(out / "cls" / "classifier", "classifier")[0].eval()
-    test = load_split(synthetic_folder, "test", 32, out / "cache")
+    test = load_split(synthetic_folder, "test", 32, trained_classifier / "cache")
     return out, classifier, test.images.float() / 255, test.labels, synthetic_folder
 
 

@@ -27,30 +27,6 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def trained_classifier(synthetic_folder, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("classifier")
-    main(
-        [
-            "classifier",
-            "--out",
-            str(out),
-            "--data-source",
-            str(synthetic_folder),
-            "--data-cache-dir",
-            str(out / "cache"),
-            "--data-eval-images",
-            "0",
-            "--epochs",
-            "4",
-            "--lr",
-            "0.4",
-            *TINY_CLASSIFIER,
-        ]
-    )
-    return out
-
-
 def test_classifier_training_learns(trained_classifier):
     history = metrics(trained_classifier)
     assert [m["epoch"] for m in history] == [1, 2, 3, 4]
