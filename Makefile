@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: help install test lint serve format clean proto
+.PHONY: help install test lint serve format clean proto bench
 
 help:
 	@echo "make serve   start the gRPC server on the shipped default model"
@@ -48,6 +48,10 @@ serve: install
 	  echo "Serve your own: atop-export ... --repository DIR, then make serve MODEL_REPOSITORY=DIR" >&2; \
 	  exit 2; fi
 	$(RUN) atop-serve --model-repository $(MODEL_REPOSITORY)
+
+# Serving throughput/latency as ratios to in-process onnxruntime (tests/bench/serving.py).
+bench: install
+	$(RUN) python tests/bench/serving.py --model-repository $(MODEL_REPOSITORY) --seconds 10
 
 clean:
 	rm -rf .venv .tools .pytest_cache .ruff_cache
