@@ -27,8 +27,10 @@ lint: install
 	$(RUN) ruff check .
 	$(RUN) ruff format --check models tests
 
+# Two pytest processes: tests/triton imports tritonclient, whose protobuf names clash with ours (pyproject).
 test: lint
 	$(RUN) pytest
+	$(RUN) pytest -o addopts="-ra --strict-markers" tests/triton
 
 format: install
 	$(RUN) ruff check --fix .

@@ -1,1 +1,6 @@
-"""AToP clients (issue: clients and containerized deployment). Must never import torch."""
+"""AToP clients: a Python library (AtopClient, AsyncAtopClient) and the batch CLI atop-classify. No torch."""
+
+from atop_clients.client import AsyncAtopClient, AtopClient, ClientConfig
+from atop_clients.protocol import Prediction
+
+__all__ = ["AsyncAtopClient", "AtopClient", "ClientConfig", "Prediction"]

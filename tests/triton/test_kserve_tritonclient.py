@@ -1,7 +1,7 @@
 """atop-serve as a real process: stock tritonclient.grpc, the own API, health, reflection, errors, batching.
 
-tritonclient's `inference.*` protobuf definitions and ours cannot share a process, so the server runs in
-its own process (as in production) and this one holds only clients.
+tritonclient's `inference.*` protobuf definitions and ours cannot share a process: the server runs in its
+own process (as in production), and this folder runs in its own pytest process (see the Makefile).
 """
 
 import io

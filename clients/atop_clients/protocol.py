@@ -1,0 +1,104 @@
+"""KServe v2 requests and responses for image classification, shared by the sync and asyncio clients.
+
+The client adapts to the server and model: atop-serve (ServerMetadata name) takes encoded images for every
+model, so they are sent as they are (BYTES: ~12x less traffic than FP32 pixels at 32 px); elsewhere the
+model's declared input decides: BYTES as they are, UINT8 [-1,H,W,3] or FP32 [-1,3,H,W] decoded and resized
+here. So any KServe v2 server serving a compatible model (stock Triton with our ONNX repository, say) works.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from atop_proto import grpc_service_pb2 as pb
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    index: int
+    score: float
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    model: str
+    name: str
+    datatype: str  # BYTES, UINT8 or FP32
+    height: int = 0
+    width: int = 0
+    output: str = ""
+
+    @classmethod
+    def from_metadata(cls, metadata: pb.ModelMetadataResponse, server_decodes: bool) -> ModelInput:
+        """server_decodes: the server takes encoded images (BYTES) for any model (atop-serve does)."""
+        if len(metadata.inputs) != 1 or not metadata.outputs:
+            raise ValueError(f"model {metadata.name} is not an image classifier (one input, one output)")
+        tensor = metadata.inputs[0]
+        if server_decodes:
+            return cls(metadata.name, tensor.name, "BYTES", output=metadata.outputs[0].name)
+        shape = list(tensor.shape)
+        if tensor.datatype == "UINT8" and len(shape) == 4 and shape[3] == 3:
+            return cls(metadata.name, tensor.name, "UINT8", int(shape[1]), int(shape[2]), metadata.outputs[0].name)
+        if tensor.datatype == "FP32" and len(shape) == 4 and shape[1] == 3:
+            return cls(metadata.name, tensor.name, "FP32", int(shape[2]), int(shape[3]), metadata.outputs[0].name)
+        if tensor.datatype == "BYTES":
+            return cls(metadata.name, tensor.name, "BYTES", output=metadata.outputs[0].name)
+        raise ValueError(f"model {metadata.name}'s input {tensor.datatype} {shape} is not an image input")
+
+
+class ImageError(ValueError):
+    """An input the client itself cannot decode (when it must send decoded pixels)."""
+
+
+def decode(data: bytes, height: int, width: int, index: int) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.seek(0)
+            rgb = (ImageOps.exif_transpose(image) or image).convert("RGB")
+            if rgb.size != (width, height):
+                rgb = rgb.resize((width, height), Image.Resampling.BICUBIC)
+            return np.asarray(rgb, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as error:
+        raise ImageError(f"image {index} cannot be decoded: {type(error).__name__}") from None
+
+
+def infer_request(spec: ModelInput, images: list[bytes], top_k: int, request_id: str = "") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=spec.model, id=request_id)
+    if spec.datatype == "BYTES":
+        raw = b"".join(struct.pack("<I", len(i)) + i for i in images)
+        shape = [len(images), 1]
+    else:
+        pixels = np.stack([decode(data, spec.height, spec.width, i) for i, data in enumerate(images)])
+        if spec.datatype == "FP32":
+            pixels = pixels.transpose(0, 3, 1, 2).astype("<f4") / np.float32(255)
+        raw, shape = pixels.tobytes(), list(pixels.shape)
+    request.inputs.add(name=spec.name, datatype=spec.datatype, shape=shape)
+    request.raw_input_contents.append(raw)
+    output = request.outputs.add(name=spec.output)
+    output.parameters["classification"].int64_param = top_k
+    return request
+
+
+def parse_response(response: pb.ModelInferResponse, count: int, top_k: int) -> list[list[Prediction]]:
+    """The classification extension's BYTES [N,k] "score:index:label" strings -> predictions, best first."""
+    if not response.raw_output_contents:
+        items = list(response.outputs[0].contents.bytes_contents)
+    else:
+        buffer, items, offset = response.raw_output_contents[0], [], 0
+        while offset < len(buffer):
+            (length,) = struct.unpack_from("<I", buffer, offset)
+            items.append(buffer[offset + 4 : offset + 4 + length])
+            offset += 4 + length
+    if len(items) != count * top_k:
+        raise ValueError(f"expected {count}x{top_k} classifications, got {len(items)}")
+    predictions = []
+    for item in items:
+        score, index, label = item.decode().split(":", 2)
+        predictions.append(Prediction(label, int(index), float(score)))
+    return [predictions[i * top_k : (i + 1) * top_k] for i in range(count)]
