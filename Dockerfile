@@ -5,11 +5,12 @@
 #   trainer  PyTorch (CUDA build from PyPI) + atop-train / atop-export / atop-eval, for GPU training jobs
 #            podman build --target trainer -t atop-trainer .
 #
-# BASE_IMAGE (serving): an NVIDIA CUDA runtime with cuDNN, so onnxruntime-gpu finds its libraries; any glibc
-# Linux with python3 >= 3.11 works too (onnxruntime-gpu then runs on the CPU). TRAINER_BASE: any such Linux:
+# BASE_IMAGE (serving): an NVIDIA CUDA 13 runtime with cuDNN 9, the libraries onnxruntime-gpu 1.31 loads (with
+# CUDA 12 it logs "Require cuDNN 9.* and CUDA 13.*" and falls back to the CPU); any glibc Linux with
+# python3 >= 3.11 works too (then on the CPU). TRAINER_BASE: any such Linux:
 # the PyTorch wheels carry their own CUDA. Without a registry, pass local bases, e.g.
 #   --build-arg BASE_IMAGE=localhost/python:3.11-slim-bookworm (see ../shared/container/README.md).
-ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+ARG BASE_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 ARG TRAINER_BASE=python:3.11-slim-bookworm
 
 # ---- uv and the workspace manifests, on a given base ------------------------------------------------------
