@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: help install test lint serve format clean proto bench
+.PHONY: help install test lint serve format clean proto bench container-test
 
 help:
 	@echo "make serve   start the gRPC server on the shipped default model"
@@ -54,6 +54,10 @@ serve: install
 # Serving throughput/latency as ratios to in-process onnxruntime (tests/bench/serving.py).
 bench: install
 	$(RUN) python tests/bench/serving.py --model-repository $(MODEL_REPOSITORY) --seconds 10
+
+# Build the serving image with podman, run it, classify CIFAR-10 through it, SIGTERM it (a few minutes).
+container-test: install
+	RUN="$(RUN)" bash deploy/container-test.sh
 
 clean:
 	rm -rf .venv .tools .pytest_cache .ruff_cache
