@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: help install test lint serve format clean proto bench container-test
+.PHONY: help install test lint serve format clean proto bench container-test export
 
 help:
 	@echo "make serve   start the gRPC server on the shipped default model"
@@ -42,6 +42,13 @@ proto: install
 
 # The shipped default model repository (CIFAR-10, AToP purifier, 32 px); see model_repository/README.md.
 MODEL_REPOSITORY ?= model_repository
+
+# Rebuild the shipped repository from the shipped checkpoints (models/zoo, see its README). One FP32 model:
+# the server feeds it encoded, UINT8 and FP32 inputs alike, and the 30 MB budget for shipped weights holds.
+ZOO ?= models/zoo
+export: install
+	$(RUN) atop-export --classifier $(ZOO)/classifier --purifier $(ZOO)/purifier --repository $(MODEL_REPOSITORY) \
+	    --inputs float
 
 serve: install
 	@if [ ! -d "$(MODEL_REPOSITORY)" ]; then \
