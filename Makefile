@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: help install test lint serve format clean proto bench container-test export
+.PHONY: help install test lint serve format clean proto bench container-test export train-default
 
 help:
 	@echo "make serve   start the gRPC server on the shipped default model"
@@ -42,6 +42,21 @@ proto: install
 
 # The shipped default model repository (CIFAR-10, AToP purifier, 32 px); see model_repository/README.md.
 MODEL_REPOSITORY ?= model_repository
+
+# The default models' recipe (issue: train and ship the default CIFAR-10 models). Every stage resumes from
+# its run folder, so rerunning continues an interrupted recipe; the epochs are the knobs to tune there.
+RUNS ?= runs/default
+DATA ?= ../shared/datasets/cifar10-jpg.tar.gz
+CLASSIFIER_EPOCHS ?= 20
+PRETRAIN_EPOCHS ?= 10
+FINETUNE_EPOCHS ?= 4
+train-default: install
+	$(RUN) atop-train classifier --out $(RUNS)/classifier --data-source $(DATA) --data-eval-images 0 \
+	    --epochs $(CLASSIFIER_EPOCHS)
+	$(RUN) atop-train pretrain --out $(RUNS)/pretrain --data-source $(DATA) --epochs $(PRETRAIN_EPOCHS) \
+	    --cnum 32 --batch-size 128 --classifier $(RUNS)/classifier/classifier
+	$(RUN) atop-train finetune --out $(RUNS)/atop --data-source $(DATA) --epochs $(FINETUNE_EPOCHS) \
+	    --ce-warmup-epochs 0 --purifier $(RUNS)/pretrain/purifier --classifier $(RUNS)/classifier/classifier
 
 # Rebuild the shipped repository from the shipped checkpoints (models/zoo, see its README). One FP32 model:
 # the server feeds it encoded, UINT8 and FP32 inputs alike, and the 30 MB budget for shipped weights holds.
