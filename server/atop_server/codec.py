@@ -39,8 +39,10 @@ def decode_image(data: bytes, size: int, index: int) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > MAX_IMAGE_PIXELS:  # Pillow only warns below twice its limit
-                raise InvalidInput(f"image {index} is too large to decode ({image.width}x{image.height} pixels, "
-                                   f"limit {MAX_IMAGE_PIXELS})")
+                raise InvalidInput(
+                    f"image {index} is too large to decode ({image.width}x{image.height} pixels, "
+                    f"limit {MAX_IMAGE_PIXELS})"
+                )
             image.seek(0)
             upright = ImageOps.exif_transpose(image) or image
             rgb = upright.convert("RGB")

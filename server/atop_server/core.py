@@ -8,6 +8,8 @@ on every execution, from a session seeded by OS entropy (session.py).
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -19,8 +21,17 @@ import numpy as np
 
 from atop_server.batcher import BatcherConfig, DynamicBatcher, Execution
 from atop_server.codec import decode_image
-from atop_server.errors import Cancelled, DeadlineExceeded, InvalidInput, ModelNotFoundError, NotReady
+from atop_server.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidInput,
+    ModelLoadError,
+    ModelNotFoundError,
+    NotReady,
+)
 from atop_server.repository import LoadedModel, list_models, load_model
+
+log = logging.getLogger("atop_server")
 
 
 @dataclass(frozen=True)
@@ -130,6 +141,12 @@ class InferenceCore:
                 self.config.providers,
                 intra_op_threads=self.config.intra_op_threads,
             )
+            if loaded.metadata.get("atop.export", {}).get("role") == "purifier":
+                # The purifier piece maps (RT image, mask) to an image: a debugging aid, not a classifier.
+                if self.config.models:
+                    raise ModelLoadError(f"model {name!r} is a purifier piece (images out, no classes): not servable")
+                log.info(json.dumps({"event": "skipped", "model": name, "reason": "purifier piece"}))
+                continue
             self.models[name] = ServedModel(loaded, self.config.batcher, self.on_execution)
             self.versions[name] = available[name]
 

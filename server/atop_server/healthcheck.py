@@ -1,6 +1,6 @@
 """Container health check: exit 0 when the server's grpc.health.v1 says SERVING, 1 otherwise.
 
-  python -m atop_server.healthcheck [--address 127.0.0.1:8001] [--service inference.GRPCInferenceService]
+python -m atop_server.healthcheck [--address 127.0.0.1:8001] [--service inference.GRPCInferenceService]
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="atop-healthcheck", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="atop-healthcheck", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--address", default=f"127.0.0.1:{os.environ.get('ATOP_PORT', '8001')}")
     parser.add_argument("--service", default="", help="empty: the whole server")
     parser.add_argument("--timeout", type=float, default=3.0)
@@ -23,7 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with grpc.insecure_channel(args.address) as channel:
             response = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
     except grpc.RpcError as error:
         print(f"unhealthy: {error.code().name}: {error.details()}", file=sys.stderr)
         sys.exit(1)

@@ -116,6 +116,25 @@ def test_pieces_match_pytorch(exported):
     assert np.abs(probabilities - expected).max() < 1e-4
 
 
+def test_the_server_core_serves_every_classifier_and_skips_the_purifier_piece(exported):
+    from atop_server.core import CoreConfig, InferenceCore
+    from atop_server.errors import ModelLoadError as ServeLoadError
+
+    repository, _, _ = exported
+    core = InferenceCore(CoreConfig(repository))
+    core.load()
+    assert sorted(core.models) == [
+        "atop_cifar10",
+        "atop_cifar10_classifier",
+        "atop_cifar10_fp16",
+        "atop_cifar10_uint8",
+        "atop_cifar10_uint8_fp16",
+    ]
+    core.warmup()
+    with pytest.raises(ServeLoadError, match="purifier piece"):
+        InferenceCore(CoreConfig(repository, models=("atop_cifar10_purifier",))).load()
+
+
 def test_checks_fail_on_a_wrong_graph(exported, tmp_path):
     repository, classifier, purifier = exported
     path = repository / "atop_cifar10" / "1" / "model.onnx"
