@@ -38,7 +38,11 @@ class ClassifierConfig:
     )
     bias_lr_scale: float = help_field(64.0, "lr multiplier for BatchNorm biases (airbench: they move too slowly)")
     momentum: float = help_field(0.85, "Nesterov momentum")
-    weight_decay: float = help_field(0.002, "fraction of every weight removed per step at peak lr, all parameters")
+    weight_decay: float = help_field(
+        0.002,
+        "fraction of every weight removed per 1024 images at peak lr (airbench94: 0.0153 x 1024 / 7850), "
+        "all parameters; per step it scales with the global batch",
+    )
     label_smoothing: float = help_field(0.2, "softens targets; helps the short schedule and calibration")
     lr_start: float = help_field(0.2, "lr at step 0, as a fraction of the peak (triangular schedule)")
     lr_peak_at: float = help_field(0.23, "fraction of training at which the lr peaks")
@@ -82,13 +86,15 @@ class ClassifierTask:
         self.trained = runtime.wrap(self.model)
         norm_biases = [m.bias for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         others = [p for p in self.model.parameters() if p.requires_grad and all(p is not q for q in norm_biases)]
-        lr = config.lr * config.batch_size * runtime.world_size / 1024
+        per_1024 = config.batch_size * runtime.world_size / 1024  # lr and decay are set per 1024 images
+        lr = config.lr * per_1024
         bias_lr = lr * config.bias_lr_scale
+        decay = config.weight_decay * per_1024
         # torch's SGD decays by lr * weight_decay per step: divide, so the decay per step is the configured one.
         self.optimizer = torch.optim.SGD(
             [
-                {"params": norm_biases, "lr": bias_lr, "weight_decay": config.weight_decay / bias_lr},
-                {"params": others, "lr": lr, "weight_decay": config.weight_decay / lr},
+                {"params": norm_biases, "lr": bias_lr, "weight_decay": decay / bias_lr},
+                {"params": others, "lr": lr, "weight_decay": decay / lr},
             ],
             momentum=config.momentum,
             nesterov=True,
