@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,13 +106,23 @@ class Server:
 
     def stop(self) -> None:
         """Graceful: NOT_SERVING, refuse new RPCs, let in-flight ones finish, then stop the workers."""
+        started = time.monotonic()
         log.info(json.dumps({"event": "stopping", "grace_seconds": self.config.grace_seconds}))
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.metrics.ready.set(0)
         self.grpc.stop(self.config.grace_seconds).wait()
+        rpcs_done = time.monotonic() - started
         self.core.close()
         self.stopped.set()
-        log.info(json.dumps({"event": "stopped"}))
+        log.info(
+            json.dumps(
+                {
+                    "event": "stopped",
+                    "rpcs_drained_seconds": round(rpcs_done, 3),
+                    "total_seconds": round(time.monotonic() - started, 3),
+                }
+            )
+        )
 
 
 def choose_providers(device: str) -> tuple[str, ...]:

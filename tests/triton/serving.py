@@ -23,10 +23,15 @@ class RunningServer:
     def address(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    def stop(self, timeout: float = 60) -> int:
+    def stop(self, timeout: float = 180) -> int:
+        """SIGTERM, then the exit code; on a timeout the failure carries the server's log (a hung drain)."""
         if self.process.poll() is None:
             self.process.terminate()
-        return self.process.wait(timeout)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise TimeoutError(f"atop-serve did not exit {timeout} s after SIGTERM:\n" + "".join(self.log[-40:]))
 
 
 def start_server(repository: Path, *args: str, timeout: float = 120) -> RunningServer:
