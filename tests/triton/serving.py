@@ -31,7 +31,9 @@ class RunningServer:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            raise TimeoutError(f"atop-serve did not exit {timeout} s after SIGTERM:\n" + "".join(self.log[-40:])) from None
+            raise TimeoutError(
+                f"atop-serve did not exit {timeout} s after SIGTERM:\n" + "".join(self.log[-40:])
+            ) from None
 
 
 def start_server(repository: Path, *args: str, timeout: float = 120) -> RunningServer:
