@@ -41,8 +41,7 @@ class Execution:
     """What one model execution did, for statistics and metrics."""
 
     batch_size: int
-    requests: int
-    queue_seconds: list[float]
+    queue_seconds: list[float]  # one per request in the batch
     compute_seconds: float
     failed: bool
 
@@ -148,4 +147,4 @@ class DynamicBatcher:
                 offset += len(item.images)
             failed = False
         compute = time.monotonic() - started
-        self.on_execution(Execution(sum(len(i.images) for i in batch), len(batch), queue_seconds, compute, failed))
+        self.on_execution(Execution(sum(len(i.images) for i in batch), queue_seconds, compute, failed))

@@ -9,6 +9,7 @@ BYTES [N,k] tensor of "score:index:label" strings, best first.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import Future
 
 import grpc
 import numpy as np
@@ -179,31 +180,29 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference ----------------------------------------------------------------------------------------
     def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
-        model = self.core.model(request.model_name, request.model_version)
-        images = self._images(request, model)
-        draws = _parameter(request.parameters, "draws", 1)
-        probabilities = self.core.classify(model, images, draws, time_left(context), cancellation_token(context))
-        return self._response(request, model, probabilities)
+        return self._infer(request, context, cancellation_token(context))
 
     def ModelStreamInfer(
         self, requests: Iterator[pb.ModelInferRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.ModelStreamInferResponse]:
+        token = cancellation_token(context)  # one for the whole stream: it ends when the stream does
         for request in requests:
             try:
-                model = self.core.model(request.model_name, request.model_version)
-                images = self._images(request, model)
-                probabilities = self.core.classify(
-                    model,
-                    images,
-                    _parameter(request.parameters, "draws", 1),
-                    time_left(context),
-                    cancellation_token(context),
-                )
-                yield pb.ModelStreamInferResponse(infer_response=self._response(request, model, probabilities))
+                yield pb.ModelStreamInferResponse(infer_response=self._infer(request, context, token))
             except HANDLED as error:  # the stream goes on; this request's answer says what was wrong
                 yield pb.ModelStreamInferResponse(
                     error_message=str(error), infer_response=pb.ModelInferResponse(id=request.id)
                 )
+
+    def _infer(
+        self, request: pb.ModelInferRequest, context: grpc.ServicerContext, token: Future
+    ) -> pb.ModelInferResponse:
+        """validate -> decode -> core -> encode, for one request of either RPC."""
+        model = self.core.model(request.model_name, request.model_version)
+        images = self._images(request, model)
+        draws = _parameter(request.parameters, "draws", 1)
+        probabilities = self.core.classify(model, images, draws, time_left(context), token)
+        return self._response(request, model, probabilities)
 
     def _images(self, request: pb.ModelInferRequest, model: ServedModel) -> np.ndarray:
         if len(request.inputs) != 1:
