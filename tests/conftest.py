@@ -150,3 +150,11 @@ def cifar_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not CIFAR_TAR.exists():
         pytest.fail(f"{CIFAR_TAR} is missing: ../shared/datasets must sit beside the checkout")
     return extract_cifar_slice(tmp_path_factory.mktemp("cifar"), {"train": 20, "test": 10})
+
+
+@pytest.fixture(scope="session")
+def cifar_test_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """300 real CIFAR-10 test JPEGs (30 per class) under <root>/test/<class>/: the shipped models' floor tests."""
+    if not CIFAR_TAR.exists():
+        pytest.fail(f"{CIFAR_TAR} is missing: ../shared/datasets must sit beside the checkout")
+    return extract_cifar_slice(tmp_path_factory.mktemp("cifar_test"), {"test": 30})

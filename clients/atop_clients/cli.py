@@ -82,7 +82,7 @@ class Writer:
         self.out.flush()
 
 
-def classify_batch(client: AtopClient, batch: list[Item], model: str, top_k: int) -> list[Result]:
+def classify_batch(client: AtopClient, batch: list[Item], model: str, top_k: int, draws: int = 1) -> list[Result]:
     """One request per batch; a batch the server refuses as invalid is retried image by image, so one bad
     file fails alone and the others are still classified."""
     try:
@@ -90,12 +90,12 @@ def classify_batch(client: AtopClient, batch: list[Item], model: str, top_k: int
     except OSError as error:
         return [(item, None, f"cannot read: {error}") for item in batch]
     try:
-        predictions = client.classify(images, model, top_k)
+        predictions = client.classify(images, model, top_k, draws=draws)
         return [(item, p, "") for item, p in zip(batch, predictions, strict=True)]
     except (grpc.RpcError, ImageError) as error:
         invalid = isinstance(error, ImageError) or error.code() == grpc.StatusCode.INVALID_ARGUMENT
         if invalid and len(batch) > 1:
-            return [r for item in batch for r in classify_batch(client, [item], model, top_k)]
+            return [r for item in batch for r in classify_batch(client, [item], model, top_k, draws)]
         message = str(error) if isinstance(error, ImageError) else f"{error.code().name}: {error.details()}"
         return [(item, None, message) for item in batch]
 
@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--server", default="localhost:8001", help="gRPC address")
     parser.add_argument("--model", default="atop_cifar10")
     parser.add_argument("--top-k", type=int, default=1)
+    parser.add_argument(
+        "--draws", type=int, default=1, help="RT draws averaged per image (atop-serve's `draws`; costs K passes)"
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="images per request")
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     parser.add_argument("--timeout", type=float, default=60.0, help="deadline per request attempt, seconds")
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         ThreadPoolExecutor(args.concurrency) as pool,
         tqdm(total=len(todo), unit="img", file=sys.stderr, disable=not todo) as bar,
     ):
-        for results in pool.map(lambda b: classify_batch(client, b, args.model, args.top_k), batches):
+        for results in pool.map(lambda b: classify_batch(client, b, args.model, args.top_k, args.draws), batches):
             for item, predictions, error in results:
                 writer.write(item, predictions, error)
                 if predictions is None:

@@ -104,10 +104,10 @@ class AtopClient:
         return self._inputs[model]
 
     def classify(
-        self, images: list[bytes], model: str = "atop_cifar10", top_k: int = 1, request_id: str = ""
+        self, images: list[bytes], model: str = "atop_cifar10", top_k: int = 1, request_id: str = "", draws: int = 1
     ) -> list[list[Prediction]]:
-        """Top-k predictions (best first) for each encoded image."""
-        request = infer_request(self.model_input(model), images, top_k, request_id)
+        """Top-k predictions (best first) for each encoded image; draws > 1 averages that many RT draws."""
+        request = infer_request(self.model_input(model), images, top_k, request_id, draws)
         return parse_response(self._call(self.stub.ModelInfer, request), len(images), top_k)
 
 
@@ -156,7 +156,7 @@ class AsyncAtopClient:
         return self._inputs[model]
 
     async def classify(
-        self, images: list[bytes], model: str = "atop_cifar10", top_k: int = 1, request_id: str = ""
+        self, images: list[bytes], model: str = "atop_cifar10", top_k: int = 1, request_id: str = "", draws: int = 1
     ) -> list[list[Prediction]]:
-        request = infer_request(await self.model_input(model), images, top_k, request_id)
+        request = infer_request(await self.model_input(model), images, top_k, request_id, draws)
         return parse_response(await self._call(self.stub.ModelInfer, request), len(images), top_k)

@@ -68,8 +68,14 @@ def decode(data: bytes, height: int, width: int, index: int) -> np.ndarray:
         raise ImageError(f"image {index} cannot be decoded: {type(error).__name__}") from None
 
 
-def infer_request(spec: ModelInput, images: list[bytes], top_k: int, request_id: str = "") -> pb.ModelInferRequest:
+def infer_request(
+    spec: ModelInput, images: list[bytes], top_k: int, request_id: str = "", draws: int = 1
+) -> pb.ModelInferRequest:
+    """draws > 1 asks atop-serve to average each image's probabilities over that many RT draws (the
+    `draws` request parameter; other KServe servers ignore or refuse it)."""
     request = pb.ModelInferRequest(model_name=spec.model, id=request_id)
+    if draws != 1:
+        request.parameters["draws"].int64_param = draws
     if spec.datatype == "BYTES":
         raw = b"".join(struct.pack("<I", len(i)) + i for i in images)
         shape = [len(images), 1]

@@ -103,6 +103,14 @@ def test_a_bad_file_fails_alone_with_exit_code_1(server, images, tmp_path, capsy
     assert out.count("\n") == 7  # header + 6 rows: the failure is listed in the output too
 
 
+def test_draws_reach_the_server_and_are_bounded_there(server, images, capsys):
+    cats = images / "cat"
+    code, _, err = run(capsys, cats, "--server", server, "--model", "tiny", "--draws", "4", "--format", "jsonl")
+    assert code == 0 and json.loads(err.strip().splitlines()[-1])["classified"] == 10
+    code, _, err = run(capsys, cats, "--server", server, "--model", "tiny", "--draws", "17", "--format", "jsonl")
+    assert code == 1 and "INVALID_ARGUMENT" in err and "draws" in err
+
+
 def test_usage_errors_exit_2(server, tmp_path, capsys):
     code, _, err = run(capsys, tmp_path / "nothing-here", "--server", server)
     assert code == 2 and "no such file, folder or glob match" in err

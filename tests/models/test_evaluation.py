@@ -10,6 +10,7 @@ from atop_models.attacks import FGSM, PGD, EOTGradient
 from atop_models.checkpoint import load_model, save_model
 from atop_models.data import load_split
 from atop_models.evaluation import attacks as eval_attacks
+from atop_models.evaluation.clean import main as clean_accuracy_main
 from atop_models.evaluation.cli import main as atop_eval
 from atop_models.evaluation.runner import wilson95
 from atop_models.pipeline import DefendedClassifier, PipelineConfig
@@ -147,3 +148,20 @@ def test_atop_eval_writes_report_and_resumes(trained, tmp_path):
     assert len(progress) == 2 * 3 * 3 * 2  # rows x batches
     atop_eval(args)  # everything done: resumes without recomputing
     assert (tmp_path / "eval" / "progress.jsonl").read_text().splitlines() == progress
+
+
+def test_clean_accuracy_command_is_seeded_and_matches_the_classifier(trained, tmp_path, capsys):
+    out, classifier, x, y, folder = trained
+    args = ["--classifier", str(out / "cls" / "classifier"), "--atop", str(out / "purifier")]
+    args += ["--data-source", str(folder), "--data-cache-dir", str(out / "cache")]
+    args += ["--defenses", "undefended", "rt+atop@2"]
+    clean_accuracy_main([*args, "--out", str(tmp_path / "a.json")])
+    clean_accuracy_main([*args, "--out", str(tmp_path / "b.json")])
+    first, second = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    without_time = [[{k: v for k, v in r.items() if k != "seconds"} for r in run["rows"]] for run in (first, second)]
+    assert without_time[0] == without_time[1]
+    undefended, defended = first["rows"]
+    assert undefended["n"] == defended["n"] == len(y)
+    assert undefended["clean_accuracy"] == pytest.approx(accuracy(classifier, x, y))
+    assert defended["ci95"][0] <= defended["clean_accuracy"] <= defended["ci95"][1]
+    assert "atop_models.evaluation.clean" in first["command"]

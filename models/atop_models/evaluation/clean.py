@@ -1,0 +1,74 @@
+"""Clean accuracy of each defense on a whole test split, with a 95% interval: the model card's figures.
+
+  python -m atop_models.evaluation.clean --classifier C --pretrained P --atop A \\
+      --defenses undefended rt rt+pretrained rt+atop rt+atop@4 --out runs/clean.json
+
+The randomized defenses are drawn with --seed, so a rerun repeats its figures exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from atop_models.checkpoint import read_config
+from atop_models.data import load_split
+from atop_models.evaluate import accuracy
+from atop_models.evaluation import defenses
+from atop_models.evaluation.runner import wilson95
+from atop_models.train.common import DEFAULT_DATA
+from atop_models.train.runtime import setup_runtime
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m atop_models.evaluation.clean",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--classifier", required=True, help="classifier checkpoint")
+    parser.add_argument("--pretrained", default="", help="purifier checkpoint before AToP fine-tuning")
+    parser.add_argument("--atop", default="", help="AToP fine-tuned purifier checkpoint")
+    parser.add_argument("--defenses", nargs="+", default=["undefended"], help="as atop-eval's, e.g. rt+atop@4")
+    parser.add_argument("--images", type=int, default=0, help="0: the whole test split; N: a class-balanced subset")
+    parser.add_argument("--out", type=Path, help="JSON file for the rows (also printed)")
+    parser.add_argument("--data-source", default=DEFAULT_DATA)
+    parser.add_argument("--data-cache-dir", default=".data")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+
+    device = setup_runtime(args.device).device
+    size = read_config(args.classifier)["image_size"]
+    data = load_split(args.data_source, "test", size, args.data_cache_dir)
+    data = data.subset(args.images) if args.images else data
+    checkpoints = defenses.Checkpoints(args.classifier, args.pretrained, args.atop)
+    rows = []
+    for name in args.defenses:
+        model, _ = defenses.build(name, checkpoints, device)
+        torch.manual_seed(args.seed)
+        started = time.monotonic()
+        correct = round(accuracy(model, data, device, size) * len(data))
+        rows.append(
+            {
+                "defense": name,
+                "n": len(data),
+                "clean_accuracy": correct / len(data),
+                "ci95": wilson95(correct, len(data)),
+                "seconds": round(time.monotonic() - started, 1),
+            }
+        )
+        print(json.dumps(rows[-1]))
+    if args.out:
+        command = shlex.join(["python -m atop_models.evaluation.clean", *(sys.argv[1:] if argv is None else argv)])
+        args.out.write_text(json.dumps({"command": command, "data": args.data_source, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
