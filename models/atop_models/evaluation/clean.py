@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(json.dumps(rows[-1]))
     if args.out:
-        command = shlex.join(["python -m atop_models.evaluation.clean", *(sys.argv[1:] if argv is None else argv)])
+        command = "python -m atop_models.evaluation.clean " + shlex.join(sys.argv[1:] if argv is None else argv)
         args.out.write_text(json.dumps({"command": command, "data": args.data_source, "rows": rows}, indent=2) + "\n")
 
 
