@@ -22,7 +22,8 @@ trap cleanup EXIT
 [ -d model_repository ] || { echo "container-test: no model_repository/ to ship (run make export)" >&2; exit 2; }
 command -v podman >/dev/null || bash "$SHARED/container/setup-podman.sh"
 podman image exists "$BASE_IMAGE" || bash "$SHARED/container/setup-podman.sh"
-bash "$SHARED/container/build-args.sh" podman build -t "$TAG" --build-arg BASE_IMAGE="$BASE_IMAGE" \
+# --format docker: the OCI format drops HEALTHCHECK, which docker and podman run from the image.
+bash "$SHARED/container/build-args.sh" podman build --format docker -t "$TAG" --build-arg BASE_IMAGE="$BASE_IMAGE" \
     --build-arg TRAINER_BASE="$BASE_IMAGE" .
 echo "image size: $(podman images "$TAG" --format '{{.Size}}')"
 
@@ -33,6 +34,7 @@ for _ in $(seq 120); do
   sleep 1
 done
 podman exec "$NAME" python -m atop_server.healthcheck --address "127.0.0.1:$PORT"
+podman healthcheck run "$NAME" && echo "image HEALTHCHECK: ok"
 
 $RUN python - "$SHARED/datasets/cifar10-jpg.tar.gz" "$work/cifar" "$IMAGES" <<'PY'
 import sys
