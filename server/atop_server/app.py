@@ -98,6 +98,12 @@ class Server:
                     "grpc": f"{self.config.host}:{self.port}",
                     "grpc_port": self.port,
                     "metrics_port": self.metrics_port,
+                    # where to look, for a person reading the first log line of `make serve`
+                    "metrics": f"http://{self.config.metrics_host}:{self.metrics_port}/metrics"
+                    if self.metrics_port >= 0
+                    else None,
+                    "health": f"grpc.health.v1 on {self.config.host}:{self.port}, services: '', "
+                    + ", ".join(self.config.health_services),
                     "models": list(self.core.models),
                     "providers": providers,
                 }
