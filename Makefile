@@ -47,6 +47,8 @@ ZOO ?= models/zoo
 # The default models' recipe (models/zoo/README.md has the card: data, figures, timings). Every stage resumes
 # from its run folder, so rerunning continues an interrupted recipe. Sized for 2 CPU cores (~2 h in all);
 # on a GPU raise the epochs (e.g. PRETRAIN_EPOCHS=20 FINETUNE_EPOCHS=10 FINETUNE_IMAGES=50000).
+# Fine-tuning runs in two stages: lr 1e-3 on a subset, then one pass over all images at lr 1e-4 (the decay
+# alone raised pipeline accuracy by ~5 points in the probe that the card reports).
 RUNS ?= runs/default
 DATA ?= ../shared/datasets/cifar10-jpg.tar.gz
 CLASSIFIER_EPOCHS ?= 10
@@ -62,13 +64,17 @@ train-default: install
 	    --data-train-images $(FINETUNE_IMAGES) --ce-warmup-epochs 0 --ce-weight 0.5 --lr 1e-3 \
 	    --attack-steps 3 --attack-step-size 0.0118 \
 	    --purifier $(RUNS)/pretrain/purifier --classifier $(RUNS)/classifier/classifier
+	$(RUN) atop-train finetune --out $(RUNS)/atop-decay --data-source $(DATA) --epochs 1 \
+	    --data-train-images 0 --ce-warmup-epochs 0 --ce-weight 0.5 --lr 1e-4 \
+	    --attack-steps 3 --attack-step-size 0.0118 \
+	    --purifier $(RUNS)/atop/purifier --classifier $(RUNS)/classifier/classifier
 
 # Copy a finished recipe's checkpoints over the shipped ones (then `make export` to rebuild the repository).
 zoo:
 	cp $(RUNS)/classifier/classifier.safetensors $(RUNS)/classifier/classifier.json $(ZOO)/
 	cp $(RUNS)/pretrain/purifier.safetensors $(ZOO)/purifier-pretrained.safetensors
 	cp $(RUNS)/pretrain/purifier.json $(ZOO)/purifier-pretrained.json
-	cp $(RUNS)/atop/purifier.safetensors $(RUNS)/atop/purifier.json $(ZOO)/
+	cp $(RUNS)/atop-decay/purifier.safetensors $(RUNS)/atop-decay/purifier.json $(ZOO)/
 
 # Rebuild the shipped repository from the shipped checkpoints (models/zoo, see its README). One FP32 model:
 # the server feeds it encoded, UINT8 and FP32 inputs alike, and the 30 MB budget for shipped weights holds.

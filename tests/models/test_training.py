@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,18 @@ def test_cli_runs_the_whole_recipe(synthetic_folder, trained_classifier, tmp_pat
     pretrained = json.loads((tmp_path / "pre" / "purifier.json").read_text())
     assert record["lineage"]["pretrained_purifier"]["sha256"] == pretrained["weights_sha256"]
     assert (tmp_path / "ft" / "samples.png").stat().st_size > 1000
+
+    # A second stage from a purifier shipped without its discriminator (as models/zoo ships them).
+    shipped = tmp_path / "zoo"
+    shipped.mkdir()
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(tmp_path / "ft" / f"purifier{suffix}", shipped / f"purifier{suffix}")
+    stage2 = ["finetune", *common, "--batch-size", "16", "--ce-warmup-epochs", "0", "--attack-steps", "1"]
+    stage2 += ["--eval-robust-images", "0", "--lr", "1e-5", "--purifier", str(shipped / "purifier")]
+    stage2 += ["--classifier", classifier, "--disc-cnum", "8", "--disc-layers", "3"]
+    with pytest.raises(SystemExit, match="--discriminator new"):
+        main([*stage2, "--out", str(tmp_path / "ft2-missing")])
+    main([*stage2, "--out", str(tmp_path / "ft2"), "--discriminator", "new"])
+    lineage = json.loads((tmp_path / "ft2" / "purifier.json").read_text())["lineage"]
+    assert lineage["discriminator"] == "new" and lineage["pretrained_purifier"]["sha256"] == record["weights_sha256"]
+    assert lineage["pretrained_purifier"]["lineage"]["pretrained_purifier"]["sha256"] == pretrained["weights_sha256"]

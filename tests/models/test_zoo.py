@@ -38,7 +38,10 @@ def test_shipped_checkpoints_share_one_lineage():
     atop = read_config(CHECKPOINTS.atop)
     pretrained = read_config(CHECKPOINTS.pretrained)
     assert atop["lineage"]["classifier"]["sha256"] == classifier["weights_sha256"]
-    assert atop["lineage"]["pretrained_purifier"]["sha256"] == pretrained["weights_sha256"]
+    start = atop["lineage"]["pretrained_purifier"]
+    while "pretrained_purifier" in start.get("lineage", {}):  # fine-tuning stages, down to the pretrained one
+        start = start["lineage"]["pretrained_purifier"]
+    assert start["sha256"] == pretrained["weights_sha256"]
     assert atop["classes"] == pretrained["classes"] == classifier["classes"]
 
 

@@ -54,6 +54,8 @@ class PurifierTrainConfig:
         "refinement stage stalls when trained from scratch: test L1 0.243 vs 0.114 at 0.1 after 160 steps)",
     )
     classifier: str = help_field("", "classifier checkpoint; pretrain: optional, to report pipeline accuracy")
+    disc_cnum: int = help_field(64, "discriminator base width (pretrain, or finetune with --discriminator new)")
+    disc_layers: int = help_field(4, "discriminator stride-2 layers (DeepFillv2: 6 at 256 px; 4 at 32 px)")
     seed: int = help_field(0, "seeds data order, init, RT draws and attacks")
 
 
@@ -63,14 +65,16 @@ class PretrainConfig(PurifierTrainConfig):
     arch: str = help_field("deepfillv2", "purifier architecture")
     cnum: int = help_field(32, "generator width (DeepFillv2: 48; 32 is ~2x cheaper at 32 px)")
     dilations: tuple[int, ...] = help_field((2, 4, 8, 16), "dilation of each bottleneck convolution")
-    disc_cnum: int = help_field(64, "discriminator base width")
-    disc_layers: int = help_field(4, "discriminator stride-2 layers (DeepFillv2: 6 at 256 px; 4 at 32 px)")
 
 
 @dataclass(frozen=True)
 class FinetuneConfig(PurifierTrainConfig):
     purifier: str = help_field("", "pretrained purifier checkpoint to fine-tune (required)")
-    discriminator: str = help_field("", "discriminator checkpoint; default: the one beside --purifier")
+    discriminator: str = help_field(
+        "",
+        "discriminator checkpoint; default: the one beside --purifier; 'new': a freshly initialized one "
+        "(the shipped purifiers in models/zoo come without their discriminators, to keep the zoo small)",
+    )
     ce_weight: float = help_field(0.05, "lambda: weight of CE(f(G(RT(x_adv))), y) (paper: 0.05)")
     ce_warmup_epochs: int = help_field(2, "epochs of plain GAN + L1 training on clean inputs first (upstream: 2)")
     attack: Literal["pgd-pipeline", "fgsm-classifier"] = help_field(
@@ -261,6 +265,21 @@ def _load_classifier(path: str, image_size: int) -> tuple[nn.Module, dict]:
     return model, record
 
 
+def _beside(purifier: str) -> Path:
+    stem = paths(purifier)[0].with_name("discriminator")
+    if not paths(stem)[1].exists():
+        raise SystemExit(
+            f"no discriminator beside {purifier} (a shipped purifier comes without one): "
+            "pass --discriminator PATH, or --discriminator new to start a fresh one"
+        )
+    return stem
+
+
+def _new_discriminator(config: PurifierTrainConfig) -> tuple[nn.Module, str, dict]:
+    d_kwargs = {"cnum": config.disc_cnum, "layers": config.disc_layers}
+    return DISCRIMINATORS.create("sn_patchgan", **d_kwargs), "sn_patchgan", d_kwargs
+
+
 def build(config: PurifierTrainConfig, runtime: Runtime, out: Path) -> tuple[PurifierTask, BatchLoader]:
     train, test = config.data.load()
     loader_config = LoaderConfig(batch_size=config.batch_size, image_size=config.image_size)
@@ -274,18 +293,27 @@ def build(config: PurifierTrainConfig, runtime: Runtime, out: Path) -> tuple[Pur
         lineage["classifier"] = {"path": config.classifier, "sha256": classifier[1]["weights_sha256"]}
     if isinstance(config, PretrainConfig):
         g_kwargs = {"cnum": config.cnum, "dilations": list(config.dilations)}
-        d_kwargs = {"cnum": config.disc_cnum, "layers": config.disc_layers}
         generator = (PURIFIERS.create(config.arch, **g_kwargs), config.arch, g_kwargs)
-        discriminator = (DISCRIMINATORS.create("sn_patchgan", **d_kwargs), "sn_patchgan", d_kwargs)
+        discriminator = _new_discriminator(config)
     elif isinstance(config, FinetuneConfig):
         if not config.purifier or classifier is None:
             raise SystemExit("finetune needs --purifier (a pretrained purifier) and --classifier")
         g_model, g_record = load_model(config.purifier, "purifier")
-        d_path = config.discriminator or paths(config.purifier)[0].with_name("discriminator")
-        d_model, d_record = load_model(d_path, "discriminator")
         generator = (g_model, g_record["arch"], g_record["arch_kwargs"])
-        discriminator = (d_model, d_record["arch"], d_record["arch_kwargs"])
-        lineage["pretrained_purifier"] = {"path": config.purifier, "sha256": g_record["weights_sha256"]}
+        if config.discriminator == "new":
+            discriminator = _new_discriminator(config)
+        else:
+            d_path = Path(config.discriminator) if config.discriminator else _beside(config.purifier)
+            d_model, d_record = load_model(d_path, "discriminator")
+            discriminator = (d_model, d_record["arch"], d_record["arch_kwargs"])
+        lineage["discriminator"] = config.discriminator or "beside --purifier"
+        # The starting purifier's own lineage rides along, so a chain of fine-tuning stages stays traceable
+        # down to the pretrained purifier.
+        lineage["pretrained_purifier"] = {
+            "path": config.purifier,
+            "sha256": g_record["weights_sha256"],
+            "lineage": g_record.get("lineage", {}),
+        }
     else:
         raise TypeError(f"unknown purifier config {type(config).__name__}")
     return PurifierTask(config, runtime, test, out, generator, discriminator, classifier, lineage), loader
