@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from atop_models.classifiers import CLASSIFIERS
 from atop_models.train import classifier as classifier_training
 from atop_models.train import purifier as purifier_training
 from atop_models.train.cli import main
@@ -131,6 +132,24 @@ class InterruptingTask:
 
     def __getattr__(self, name):
         return getattr(self.task, name)
+
+
+def test_whitening_statistics_cover_every_class(synthetic_folder, tmp_path):
+    config = classifier_training.ClassifierConfig(
+        data=data_config(synthetic_folder, tmp_path),
+        arch_kwargs={"widths": [8, 16, 16]},
+        batch_size=32,
+        whiten_images=8,
+    )
+    train, _ = config.data.load()
+    assert train.labels[:8].unique().tolist() == [0]  # sorted by class, as ImageFolder splits come
+    balanced = train.subset(8)
+    assert sorted(balanced.labels.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+    (tmp_path / "run").mkdir()
+    task, _ = classifier_training.build(config, CPU, tmp_path / "run")
+    expected = CLASSIFIERS.create(config.arch, widths=[8, 16, 16], num_classes=4)
+    expected.init_whitening(balanced.images.float() / 255.0)
+    assert torch.allclose(task.model.whiten.weight, expected.whiten.weight)
 
 
 def test_interrupted_run_resumes_mid_epoch(synthetic_folder, tmp_path):

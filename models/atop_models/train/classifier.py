@@ -48,6 +48,7 @@ class ClassifierConfig:
     lr_peak_at: float = help_field(0.23, "fraction of training at which the lr peaks")
     lr_end: float = help_field(0.07, "lr at the last step, as a fraction of the peak")
     whiten_init: bool = help_field(True, "initialize airbench's 2x2 stem from the data's patch statistics")
+    whiten_images: int = help_field(5000, "class-balanced train images the stem's statistics come from (airbench)")
     crop_pad: int = help_field(2, "pixels of reflect padding for random-crop augmentation (airbench: 2)")
     seed: int = help_field(0, "seeds data order, init and augmentation")
 
@@ -80,7 +81,9 @@ class ClassifierTask:
         self.arch_kwargs = {**config.arch_kwargs, "num_classes": len(train.classes)}
         model = CLASSIFIERS.create(config.arch, **self.arch_kwargs)
         if config.whiten_init and hasattr(model, "init_whitening"):
-            model.init_whitening(train.images[:5000].float() / 255.0)
+            # Class-balanced: ImageFolder and archive splits come sorted by class, so their first images are
+            # all of one class (e.g. sky-heavy airplanes), whose patch statistics whiten other classes badly.
+            model.init_whitening(train.subset(config.whiten_images).images.float() / 255.0)
         # channels_last: ~1.4x faster convolutions on this CPU (oneDNN) and on GPUs (tensor cores).
         self.model = model.to(runtime.device, memory_format=torch.channels_last)
         self.trained = runtime.wrap(self.model)
