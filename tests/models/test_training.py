@@ -134,13 +134,14 @@ class InterruptingTask:
         return getattr(self.task, name)
 
 
-def test_whitening_statistics_cover_every_class(synthetic_folder, tmp_path):
-    config = classifier_training.ClassifierConfig(
-        data=data_config(synthetic_folder, tmp_path),
-        arch_kwargs={"widths": [8, 16, 16]},
-        batch_size=32,
-        whiten_images=8,
+def small_classifier_config(folder: Path, tmp_path: Path, **overrides) -> classifier_training.ClassifierConfig:
+    return classifier_training.ClassifierConfig(
+        data=data_config(folder, tmp_path), arch_kwargs={"widths": [8, 16, 16]}, batch_size=32, **overrides
     )
+
+
+def test_whitening_statistics_cover_every_class(synthetic_folder, tmp_path):
+    config = small_classifier_config(synthetic_folder, tmp_path, whiten_images=8)
     train, _ = config.data.load()
     assert train.labels[:8].unique().tolist() == [0]  # sorted by class, as ImageFolder splits come
     balanced = train.subset(8)
@@ -153,12 +154,7 @@ def test_whitening_statistics_cover_every_class(synthetic_folder, tmp_path):
 
 
 def test_interrupted_run_resumes_mid_epoch(synthetic_folder, tmp_path):
-    config = classifier_training.ClassifierConfig(
-        data=data_config(synthetic_folder, tmp_path),
-        arch_kwargs={"widths": [8, 16, 16]},
-        batch_size=32,
-        epochs=2,
-    )
+    config = small_classifier_config(synthetic_folder, tmp_path, epochs=2)
     run_path = tmp_path / "run"
 
     def attempt(stop_after, restart=False):
