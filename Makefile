@@ -45,7 +45,7 @@ MODEL_REPOSITORY ?= model_repository
 ZOO ?= models/zoo
 
 # The default models' recipe (models/zoo/README.md has the card: data, figures, timings). Every stage resumes
-# from its run folder, so rerunning continues an interrupted recipe. Sized for 2 CPU cores (~2 h in all);
+# from its run folder, so rerunning continues an interrupted recipe. Sized for 2 CPU cores (~2.5-3 h in all);
 # on a GPU raise the epochs (e.g. PRETRAIN_EPOCHS=20 FINETUNE_EPOCHS=10 FINETUNE_IMAGES=50000).
 # Fine-tuning runs in two stages: lr 1e-3 on a subset, then one pass over all images at lr 1e-4 (the decay
 # alone raised pipeline accuracy by ~5 points in the probe that the card reports).
