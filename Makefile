@@ -55,19 +55,18 @@ CLASSIFIER_EPOCHS ?= 10
 PRETRAIN_EPOCHS ?= 3
 FINETUNE_EPOCHS ?= 4
 FINETUNE_IMAGES ?= 20000
+# What both fine-tuning stages share: the loss weights, the PGD-3 attack through the pipeline, the classifier.
+FINETUNE_FLAGS = --data-source $(DATA) --ce-warmup-epochs 0 --ce-weight 0.5 --attack-steps 3 \
+    --attack-step-size 0.0118 --classifier $(RUNS)/classifier/classifier
 train-default: install
 	$(RUN) atop-train classifier --out $(RUNS)/classifier --data-source $(DATA) --data-eval-images 0 \
 	    --epochs $(CLASSIFIER_EPOCHS)
 	$(RUN) atop-train pretrain --out $(RUNS)/pretrain --data-source $(DATA) --epochs $(PRETRAIN_EPOCHS) \
 	    --cnum 24 --batch-size 64 --classifier $(RUNS)/classifier/classifier
-	$(RUN) atop-train finetune --out $(RUNS)/atop --data-source $(DATA) --epochs $(FINETUNE_EPOCHS) \
-	    --data-train-images $(FINETUNE_IMAGES) --ce-warmup-epochs 0 --ce-weight 0.5 --lr 1e-3 \
-	    --attack-steps 3 --attack-step-size 0.0118 \
-	    --purifier $(RUNS)/pretrain/purifier --classifier $(RUNS)/classifier/classifier
-	$(RUN) atop-train finetune --out $(RUNS)/atop-decay --data-source $(DATA) --epochs 1 \
-	    --data-train-images 0 --ce-warmup-epochs 0 --ce-weight 0.5 --lr 1e-4 \
-	    --attack-steps 3 --attack-step-size 0.0118 \
-	    --purifier $(RUNS)/atop/purifier --classifier $(RUNS)/classifier/classifier
+	$(RUN) atop-train finetune --out $(RUNS)/atop $(FINETUNE_FLAGS) --epochs $(FINETUNE_EPOCHS) \
+	    --data-train-images $(FINETUNE_IMAGES) --lr 1e-3 --purifier $(RUNS)/pretrain/purifier
+	$(RUN) atop-train finetune --out $(RUNS)/atop-decay $(FINETUNE_FLAGS) --epochs 1 \
+	    --data-train-images 0 --lr 1e-4 --purifier $(RUNS)/atop/purifier
 
 # Copy a finished recipe's checkpoints over the shipped ones (then `make export` to rebuild the repository).
 zoo:

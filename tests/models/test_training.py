@@ -148,7 +148,7 @@ def test_whitening_statistics_cover_every_class(synthetic_folder, tmp_path):
     assert sorted(balanced.labels.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
     (tmp_path / "run").mkdir()
     task, _ = classifier_training.build(config, CPU, tmp_path / "run")
-    expected = CLASSIFIERS.create(config.arch, widths=[8, 16, 16], num_classes=4)
+    expected = CLASSIFIERS.create(config.arch, **config.arch_kwargs, num_classes=4)
     expected.init_whitening(balanced.images.float() / 255.0)
     assert torch.allclose(task.model.whiten.weight, expected.whiten.weight)
 

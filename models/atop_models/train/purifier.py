@@ -265,19 +265,24 @@ def _load_classifier(path: str, image_size: int) -> tuple[nn.Module, dict]:
     return model, record
 
 
-def _beside(purifier: str) -> Path:
-    stem = paths(purifier)[0].with_name("discriminator")
-    if not paths(stem)[1].exists():
-        raise SystemExit(
-            f"no discriminator beside {purifier} (a shipped purifier comes without one): "
-            "pass --discriminator PATH, or --discriminator new to start a fresh one"
-        )
-    return stem
-
-
 def _new_discriminator(config: PurifierTrainConfig) -> tuple[nn.Module, str, dict]:
     d_kwargs = {"cnum": config.disc_cnum, "layers": config.disc_layers}
     return DISCRIMINATORS.create("sn_patchgan", **d_kwargs), "sn_patchgan", d_kwargs
+
+
+def _finetune_discriminator(config: FinetuneConfig) -> tuple[nn.Module, str, dict]:
+    """--discriminator new, a given checkpoint, or (default) the one that pretraining saved beside --purifier."""
+    if config.discriminator == "new":
+        return _new_discriminator(config)
+    path = config.discriminator or paths(config.purifier)[0].with_name("discriminator")
+    try:
+        model, record = load_model(path, "discriminator")
+    except FileNotFoundError as missing:
+        raise SystemExit(
+            f"{missing} (a shipped purifier comes without its discriminator): "
+            "pass --discriminator PATH, or --discriminator new to start a fresh one"
+        ) from missing
+    return model, record["arch"], record["arch_kwargs"]
 
 
 def build(config: PurifierTrainConfig, runtime: Runtime, out: Path) -> tuple[PurifierTask, BatchLoader]:
@@ -300,12 +305,7 @@ def build(config: PurifierTrainConfig, runtime: Runtime, out: Path) -> tuple[Pur
             raise SystemExit("finetune needs --purifier (a pretrained purifier) and --classifier")
         g_model, g_record = load_model(config.purifier, "purifier")
         generator = (g_model, g_record["arch"], g_record["arch_kwargs"])
-        if config.discriminator == "new":
-            discriminator = _new_discriminator(config)
-        else:
-            d_path = Path(config.discriminator) if config.discriminator else _beside(config.purifier)
-            d_model, d_record = load_model(d_path, "discriminator")
-            discriminator = (d_model, d_record["arch"], d_record["arch_kwargs"])
+        discriminator = _finetune_discriminator(config)
         lineage["discriminator"] = config.discriminator or "beside --purifier"
         # The starting purifier's own lineage rides along, so a chain of fine-tuning stages stays traceable
         # down to the pretrained purifier.
