@@ -14,6 +14,7 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -168,14 +169,18 @@ def load_split(
     return arrays
 
 
-def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per-sample random crop (reflect padding `pad`) and horizontal flip of a [B,C,H,W] batch."""
+def random_crop_flip(
+    x: torch.Tensor, pad: int, generator: torch.Generator | None = None, flip: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-sample random crop (reflect padding `pad`) and horizontal flip of a [B,C,H,W] batch.
+    `flip` ([B] bool) sets which images are mirrored; None draws each with probability 1/2."""
     batch, _, height, width = x.shape
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     # Offsets are drawn on the CPU (where `generator` lives), then index the batch on its own device.
     dy = torch.randint(0, 2 * pad + 1, (batch,), generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (batch,), generator=generator)
-    flip = torch.rand(batch, generator=generator) < 0.5
+    if flip is None:
+        flip = torch.rand(batch, generator=generator) < 0.5
     rows = (dy[:, None] + torch.arange(height))[:, :, None]  # [B,H,1]
     cols = dx[:, None] + torch.arange(width)  # [B,W]
     cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, :]  # [B,1,W]
@@ -190,6 +195,9 @@ class LoaderConfig:
     image_size: int = 32  # batches are resized on the device to this size (e.g. CIFAR at 256 px as upstream)
     augment: bool = False  # random crop + flip; on for classifier training
     crop_pad: int = 4  # pixels of reflect padding for the random crop, at the stored size
+    # "alternate": each image's mirroring is drawn once (from the seed) and inverted every other epoch, so
+    # consecutive epochs show it both ways (airbench: beats a fresh coin per view whenever flips help).
+    flip: Literal["random", "alternate"] = "random"
     shuffle: bool = True
     drop_last: bool = True
 
@@ -222,8 +230,14 @@ class BatchLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _alternating_flips(self) -> torch.Tensor:
+        """[N] bool: which images are mirrored this epoch (fixed per image, inverted on odd epochs)."""
+        first = torch.rand(len(self.data), generator=torch.Generator().manual_seed(self.seed)) < 0.5
+        return first ^ bool(self.epoch % 2)
+
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        flips = self._alternating_flips() if self.config.augment and self.config.flip == "alternate" else None
         n = len(self.data)
         order = torch.randperm(n, generator=generator) if self.config.shuffle else torch.arange(n)
         per_rank = n // self.world_size
@@ -234,7 +248,7 @@ class BatchLoader:
             x = self.data.images[index].to(self.device, non_blocking=True).float().div_(255.0)
             y = self.data.labels[index].to(self.device, non_blocking=True)
             if self.config.augment:
-                x = random_crop_flip(x, self.config.crop_pad, generator)
+                x = random_crop_flip(x, self.config.crop_pad, generator, None if flips is None else flips[index])
             if x.shape[-1] != self.config.image_size:
                 x = F.interpolate(x, size=(self.config.image_size,) * 2, mode="bilinear", align_corners=False)
             yield x, y

@@ -41,3 +41,14 @@ def test_whitening_init_decorrelates_patches():
 def test_unknown_architecture_is_a_clear_error():
     with pytest.raises(KeyError, match="unknown classifier 'vgg'; known: airbench, resnet18"):
         CLASSIFIERS.create("vgg")
+
+
+def test_flip_average_is_mirror_invariant_in_eval_only():
+    model = CLASSIFIERS.create("airbench", flip_average=True).eval()
+    plain = CLASSIFIERS.create("airbench").eval()
+    plain.load_state_dict(model.state_dict())
+    x = torch.rand(4, 3, 32, 32)
+    assert torch.allclose(model(x), model(x.flip(3)), atol=1e-5)
+    assert torch.allclose(model(x), (plain(x) + plain(x.flip(3))) / 2, atol=1e-5)
+    model.train()
+    assert torch.allclose(model(x), plain.train()(x), atol=1e-5)  # training sees each view alone

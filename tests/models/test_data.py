@@ -98,3 +98,20 @@ def test_random_crop_flip_moves_content_per_sample():
     assert (out == x).flatten(1).all(1).float().mean() < 0.2  # most samples moved
     flipped = (out == x.flip(3)).flatten(1).all(1)
     assert flipped.any()  # some samples flipped without shift
+
+
+def test_alternating_flip_shows_each_image_both_ways_on_consecutive_epochs(synthetic_folder, tmp_path):
+    data = load_split(synthetic_folder, "train", 32, tmp_path / "cache")
+    config = LoaderConfig(batch_size=len(data), augment=True, crop_pad=0, flip="alternate", shuffle=False)
+    loader = BatchLoader(data, config, torch.device("cpu"), seed=5)
+    originals = data.images.float() / 255.0
+    asymmetric = ~(originals == originals.flip(3)).flatten(1).all(1)
+    mirrored = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        x, _ = next(iter(loader))
+        as_is, flipped = ((x == view).flatten(1).all(1) for view in (originals, originals.flip(3)))
+        assert (as_is | flipped).all()  # no crop offset with crop_pad 0: each image is itself or its mirror
+        mirrored.append(flipped[asymmetric])
+    assert (mirrored[0] ^ mirrored[1]).all() and torch.equal(mirrored[0], mirrored[2])
+    assert 0.3 < mirrored[0].float().mean() < 0.7  # the first epoch's choice is a fair coin per image

@@ -54,6 +54,7 @@ class AirbenchNet(nn.Module):
         activation: type[nn.Module] = nn.GELU,
         bn_momentum: float = 0.4,  # airbench's fast-moving BN statistics, suited to short schedules
         head_scale: float = 1 / 9,  # airbench's fixed logit temperature
+        flip_average: bool = False,  # in eval mode, average the logits of the image and its mirror (TTA)
     ) -> None:
         super().__init__()
         self.normalize = Normalize()
@@ -70,6 +71,7 @@ class AirbenchNet(nn.Module):
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.head = nn.Linear(cin, num_classes, bias=False)
         self.head_scale = head_scale
+        self.flip_average = flip_average
         self.num_features = cin
 
     @torch.no_grad()
@@ -99,7 +101,12 @@ class AirbenchNet(nn.Module):
         return self.head(features) * self.head_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        if not (self.flip_average and not self.training):
+            return self.forward_head(self.forward_features(x))
+        # airbench's test-time augmentation (level 1): mirror and original as one batch, logits averaged.
+        # Part of the model, so the exported graph, the server and every attack see the same function.
+        logits = self.forward_head(self.forward_features(torch.cat([x, x.flip(-1)])))
+        return (logits[: len(x)] + logits[len(x) :]) / 2
 
 
 @CLASSIFIERS.register("airbench")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +49,19 @@ class ClassifierConfig:
     lr_end: float = help_field(0.07, "lr at the last step, as a fraction of the peak")
     whiten_init: bool = help_field(True, "initialize airbench's 2x2 stem from the data's patch statistics")
     whiten_images: int = help_field(5000, "class-balanced train images the stem's statistics come from (airbench)")
+    whiten_bias_epochs: int = help_field(3, "epochs the stem's bias trains before it is frozen (airbench: 3)")
+    lookahead_every: int = help_field(
+        5,
+        "steps between Lookahead syncs: an EMA of all weights and BN statistics, copied back into the net "
+        "(airbench94; the run ends on the EMA); 0: off",
+    )
+    lookahead_decay: float = help_field(
+        0.95, "per-step EMA decay at the end of training, scaled by (step/total)^3 before (airbench94)"
+    )
     crop_pad: int = help_field(2, "pixels of reflect padding for random-crop augmentation (airbench: 2)")
+    flip: Literal["random", "alternate"] = help_field(
+        "alternate", "mirror a fresh coin per view, or each image alternately by epoch (airbench: alternate)"
+    )
     seed: int = help_field(0, "seeds data order, init and augmentation")
 
 
@@ -63,6 +75,21 @@ def triangle(total_steps: int, start: float, peak_at: float, end: float) -> Any:
         return 1.0 + (end - 1.0) * min(1.0, (step - peak) / max(1, total_steps - peak))
 
     return factor
+
+
+class Lookahead:
+    """airbench94's Lookahead: an exponential moving average of every float tensor of the net's state (weights
+    and BatchNorm statistics), written back into the net at each sync, so the net restarts from the average."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def sync(self, model: nn.Module, decay: float) -> None:
+        state = model.state_dict()
+        for name, average in self.average.items():
+            average.lerp_(state[name], 1.0 - decay)
+            state[name].copy_(average)
 
 
 class ClassifierTask:
@@ -86,6 +113,9 @@ class ClassifierTask:
             model.init_whitening(train.subset(config.whiten_images).images.float() / 255.0)
         # channels_last: ~1.4x faster convolutions on this CPU (oneDNN) and on GPUs (tensor cores).
         self.model = model.to(runtime.device, memory_format=torch.channels_last)
+        self.whiten_bias = model.whiten.bias if config.whiten_init and hasattr(model, "init_whitening") else None
+        self.total_steps = config.epochs * steps_per_epoch
+        self.lookahead = Lookahead(self.model) if config.lookahead_every else None
         self.trained = runtime.wrap(self.model)
         norm_biases = [m.bias for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         others = [p for p in self.model.parameters() if p.requires_grad and all(p is not q for q in norm_biases)]
@@ -102,7 +132,7 @@ class ClassifierTask:
             momentum=config.momentum,
             nesterov=True,
         )
-        schedule = triangle(config.epochs * steps_per_epoch, config.lr_start, config.lr_peak_at, config.lr_end)
+        schedule = triangle(self.total_steps, config.lr_start, config.lr_peak_at, config.lr_end)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=runtime.device.type == "cuda")
 
@@ -113,9 +143,23 @@ class ClassifierTask:
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.config.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.whiten_bias is not None and epoch >= self.config.whiten_bias_epochs:
+            self.whiten_bias.grad = None  # frozen: SGD skips it (no step, no decay); works under DDP too
         self.optimizer.step()
         self.scheduler.step()
+        self._lookahead_step()
         return {"loss": loss.item(), "accuracy": (logits.argmax(1) == y).float().mean().item()}
+
+    def _lookahead_step(self) -> None:
+        if self.lookahead is None:
+            return
+        every, step = self.config.lookahead_every, self.scheduler.last_epoch  # last_epoch: steps taken
+        if step >= self.total_steps:
+            self.lookahead.sync(self.model, decay=1.0)  # the run ends on the averaged weights
+        elif step % every == 0:
+            # airbench94: decay**every per sync, times a cubic ramp (early syncs barely average).
+            ramp = (step / self.total_steps) ** 3
+            self.lookahead.sync(self.model, decay=self.config.lookahead_decay**every * ramp)
 
     def end_epoch(self, epoch: int) -> dict[str, Any]:
         if not self.runtime.is_main:
@@ -144,18 +188,25 @@ class ClassifierTask:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            **({"lookahead": self.lookahead.average} if self.lookahead else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.lookahead:
+            self.lookahead.average = state["lookahead"]
 
 
 def build(config: ClassifierConfig, runtime: Runtime, out: Path) -> tuple[ClassifierTask, BatchLoader]:
     train, test = config.data.load()
     loader_config = LoaderConfig(
-        batch_size=config.batch_size, image_size=config.image_size, augment=True, crop_pad=config.crop_pad
+        batch_size=config.batch_size,
+        image_size=config.image_size,
+        augment=True,
+        crop_pad=config.crop_pad,
+        flip=config.flip,
     )
     loader = BatchLoader(train, loader_config, runtime.device, config.seed, runtime.rank, runtime.world_size)
     return ClassifierTask(config, runtime, train, test, len(loader), out), loader
