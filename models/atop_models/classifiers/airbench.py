@@ -101,12 +101,13 @@ class AirbenchNet(nn.Module):
         return self.head(features) * self.head_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.flip_average and not self.training):
-            return self.forward_head(self.forward_features(x))
-        # airbench's test-time augmentation (level 1): mirror and original as one batch, logits averaged.
-        # Part of the model, so the exported graph, the server and every attack see the same function.
-        logits = self.forward_head(self.forward_features(torch.cat([x, x.flip(-1)])))
-        return (logits[: len(x)] + logits[len(x) :]) / 2
+        logits = self.forward_head(self.forward_features(x))
+        if not self.flip_average or self.training:
+            return logits
+        # airbench's test-time augmentation (level 1): the logits of the image and its mirror, averaged. Part
+        # of the model, so the exported graph, the server and every attack see the same function. Two passes,
+        # not one doubled batch: splitting a concatenated batch pins the batch size in the dynamo ONNX export.
+        return (logits + self.forward_head(self.forward_features(x.flip(-1)))) / 2
 
 
 @CLASSIFIERS.register("airbench")
