@@ -64,7 +64,9 @@ def make_tiny_checkpoints(
 
     torch.manual_seed(size)
     # head_scale 1: random weights then give confident, varied predictions, so parity compares real rankings.
-    classifier_kwargs = {"num_classes": len(classes), "widths": [16, 32, 32], "head_scale": 1.0}
+    # flip_average: the shipped classifier's test-time mirror averaging, so every export and serving test
+    # runs (and checks the dynamic batch of) the graph it makes.
+    classifier_kwargs = {"num_classes": len(classes), "widths": [16, 32, 32], "head_scale": 1.0, "flip_average": True}
     classifier = CLASSIFIERS.create("airbench", **classifier_kwargs)
     classifier.init_whitening(torch.rand(64, 3, 32, 32))
     purifier_kwargs = {"cnum": 8, "dilations": [2, 4]}
