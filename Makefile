@@ -48,7 +48,8 @@ ZOO ?= models/zoo
 # from its run folder, so rerunning continues an interrupted recipe. Sized for 2 CPU cores (~2.5-3 h in all);
 # on a GPU raise the epochs (e.g. PRETRAIN_EPOCHS=20 FINETUNE_EPOCHS=10 FINETUNE_IMAGES=50000).
 # Fine-tuning runs in two stages: lr 1e-3 on a subset, then one pass over all images at lr 1e-4 (the decay
-# alone raised pipeline accuracy by ~5 points in the probe that the card reports).
+# alone raised pipeline accuracy by ~5 points in the probe that the card reports). The classifier averages
+# each image with its mirror at test time (airbench's TTA; part of the exported graph).
 RUNS ?= runs/default
 DATA ?= ../shared/datasets/cifar10-jpg.tar.gz
 CLASSIFIER_EPOCHS ?= 10
@@ -60,7 +61,7 @@ FINETUNE_FLAGS = --data-source $(DATA) --ce-warmup-epochs 0 --ce-weight 0.5 --at
     --attack-step-size 0.0118 --classifier $(RUNS)/classifier/classifier
 train-default: install
 	$(RUN) atop-train classifier --out $(RUNS)/classifier --data-source $(DATA) --data-eval-images 0 \
-	    --epochs $(CLASSIFIER_EPOCHS)
+	    --epochs $(CLASSIFIER_EPOCHS) --arch-kwargs '{"flip_average": true}'
 	$(RUN) atop-train pretrain --out $(RUNS)/pretrain --data-source $(DATA) --epochs $(PRETRAIN_EPOCHS) \
 	    --cnum 24 --batch-size 64 --classifier $(RUNS)/classifier/classifier
 	$(RUN) atop-train finetune --out $(RUNS)/atop $(FINETUNE_FLAGS) --epochs $(FINETUNE_EPOCHS) \
