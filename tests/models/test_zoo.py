@@ -20,7 +20,7 @@ CHECKPOINTS = Checkpoints(
 SIZE_BUDGET_BYTES = 30 * 2**20  # shipped checkpoints + the shipped ONNX repository (developers' guide)
 
 # defense -> minimum accuracy on the 300 images (the card's 10,000-image figure minus ~2 standard errors)
-FLOORS = {"undefended": 0.85, "rt+pretrained": 0.42, "rt+atop": 0.52}
+FLOORS = {"undefended": 0.87, "rt+pretrained": 0.43, "rt+atop": 0.53}
 
 
 @pytest.fixture(scope="module")
