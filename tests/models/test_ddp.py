@@ -53,6 +53,8 @@ def test_two_process_ddp_training(synthetic_folder, tmp_path):
         '{"widths": [16, 32, 32]}',
         "--lr",
         "0.4",
+        "--lookahead-every",  # 8 steps in all: Lookahead's cubic ramp is made for hundreds; this test is DDP's
+        "0",
     )
     metrics = last_metrics(tmp_path / "cls")
     assert metrics["world_size"] == 2
