@@ -153,8 +153,8 @@ def test_whitening_statistics_cover_every_class(synthetic_folder, tmp_path):
     assert torch.allclose(task.model.whiten.weight, expected.whiten.weight)
 
 
-def train_epochs(task, loader, epochs: int) -> None:
-    for epoch in range(epochs):
+def train_epochs(task, loader, epochs: range) -> None:
+    for epoch in epochs:
         loader.set_epoch(epoch)
         for x, y in loader:
             task.train_step(x, y, epoch)
@@ -165,12 +165,10 @@ def test_stem_bias_trains_only_its_epochs(synthetic_folder, tmp_path):
     (tmp_path / "run").mkdir()
     task, loader = classifier_training.build(config, CPU, tmp_path / "run")
     start = task.model.whiten.bias.detach().clone()
-    train_epochs(task, loader, 1)
+    train_epochs(task, loader, range(1))
     after_first = task.model.whiten.bias.detach().clone()
     assert not torch.equal(after_first, start)
-    loader.set_epoch(1)
-    for x, y in loader:
-        task.train_step(x, y, epoch=1)
+    train_epochs(task, loader, range(1, 2))
     assert torch.equal(task.model.whiten.bias, after_first)
 
 
@@ -180,7 +178,7 @@ def test_classifier_run_ends_on_its_lookahead_average(synthetic_folder, tmp_path
     task, loader = classifier_training.build(config, CPU, tmp_path / "run")
     assert (2 * len(loader)) % 5  # the last step is not a regular sync: only the final one makes them equal
     start = {k: v.clone() for k, v in task.lookahead.average.items()}
-    train_epochs(task, loader, 2)
+    train_epochs(task, loader, range(2))
     state = task.model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in task.lookahead.average.items())
     assert "groups.0.body.2.running_mean" in task.lookahead.average  # BN statistics are averaged too
