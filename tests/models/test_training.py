@@ -185,6 +185,17 @@ def test_classifier_run_ends_on_its_lookahead_average(synthetic_folder, tmp_path
     assert not torch.equal(start["head.weight"], task.lookahead.average["head.weight"])
 
 
+def test_lookahead_blends_the_last_steps_in_when_the_run_ends_on_a_sync(synthetic_folder, tmp_path):
+    config = small_classifier_config(synthetic_folder, tmp_path, epochs=1, lookahead_every=8)
+    (tmp_path / "run").mkdir()
+    task, loader = classifier_training.build(config, CPU, tmp_path / "run")
+    assert task.total_steps == 8  # the only sync is on the last step: without its blend the run ends where it began
+    start = task.model.head.weight.detach().clone()
+    train_epochs(task, loader, range(1))
+    assert not torch.equal(task.model.head.weight, start)
+    assert torch.equal(task.model.head.weight, task.lookahead.average["head.weight"])
+
+
 def test_interrupted_run_resumes_mid_epoch(synthetic_folder, tmp_path):
     config = small_classifier_config(synthetic_folder, tmp_path, epochs=2)
     run_path = tmp_path / "run"

@@ -155,12 +155,13 @@ class ClassifierTask:
         if self.lookahead is None:
             return
         every, step = self.config.lookahead_every, self.scheduler.last_epoch  # last_epoch: steps taken
-        if step >= self.total_steps:
-            self.lookahead.sync(self.model, decay=1.0)  # the run ends on the averaged weights
-        elif step % every == 0:
+        if step % every == 0:
             # airbench94: decay**every per sync, times a cubic ramp (early syncs barely average).
             ramp = (step / self.total_steps) ** 3
             self.lookahead.sync(self.model, decay=self.config.lookahead_decay**every * ramp)
+        if step >= self.total_steps:
+            # The run ends on the average; a regular sync on this step (above) has blended its last steps in.
+            self.lookahead.sync(self.model, decay=1.0)
 
     def end_epoch(self, epoch: int) -> dict[str, Any]:
         if not self.runtime.is_main:
