@@ -66,8 +66,10 @@ def test_attacks_stay_in_the_ball_and_in_range(trained, name, norm, epsilon):
     delta = (x_adv - x[:8]).flatten(1)
     size = delta.abs().max(1).values if norm == "linf" else delta.norm(dim=1)
     assert (size <= epsilon + 1e-5).all() and x_adv.min() >= 0 and x_adv.max() <= 1
-    if not name.startswith(("apgd", "autoattack")):  # APGD leaves already-misclassified images as they are
+    if name in ("fgsm", "transfer-pgd"):  # no random start: a zero gradient can leave an image in place
         assert (size > 0).any()
+    else:  # every image is attacked, those that one draw of the clean input already got wrong included
+        assert (size > 0).all()
 
 
 @pytest.mark.parametrize("name", ["apgd-ce", "apgd-dlr", "autoattack-rand"])
@@ -76,6 +78,25 @@ def test_apgd_breaks_the_undefended_classifier(trained, name):
     spec = eval_attacks.parse(f"{name}:steps=10", 10, 10, 1)
     x_adv = eval_attacks.run(spec, classifier, classifier, x, y, "linf", 8 / 255, randomized=False, seed=0)
     assert accuracy(classifier, x_adv, y) <= 0.1
+
+
+def test_least_correct_keeps_each_images_worst_candidate(trained):
+    _, classifier, x, y, _ = trained
+    x_adv = PGD(EOTGradient(classifier), 8 / 255, 2 / 255, 10)(x, y)
+    broken = classifier(x_adv).argmax(1) != y
+    assert broken.any() and (classifier(x).argmax(1) == y).all()
+    for candidates in ([x, x_adv], [x_adv, x]):
+        picked = eval_attacks.least_correct(classifier, candidates, y, draws=1)
+        assert torch.equal(picked[broken], x_adv[broken])
+    # Where both are classified correctly, the lower true-class probability decides.
+    x_weak = PGD(EOTGradient(classifier), 0.5 / 255, 0.25 / 255, 2)(x, y)
+    with torch.no_grad():
+        true_class = [classifier(z).softmax(1).gather(1, y[:, None]).squeeze(1) for z in (x, x_weak)]
+        both_right = classifier(x_weak).argmax(1) == y
+    weaker = both_right & (true_class[1] < true_class[0])
+    picked = eval_attacks.least_correct(classifier, [x, x_weak], y, draws=1)
+    assert weaker.any() and torch.equal(picked[weaker], x_weak[weaker])
+    assert torch.equal(picked[both_right & ~weaker], x[both_right & ~weaker])
 
 
 def test_eot_averages_independent_draws(trained):
@@ -138,10 +159,16 @@ def test_atop_eval_writes_report_and_resumes(trained, tmp_path):
     assert len(results["rows"]) == 2 * 3 * 3 and all(keys <= set(r) for r in results["rows"])
     undefended = {(r["attack_name"], r["epsilon"]): r for r in results["rows"] if r["defense"] == "undefended"}
     assert undefended[("pgd-eot", 64 / 255)]["robust_accuracy"] <= 0.1
+    # pgd-eot and fgsm are adaptive (transfer-pgd is not): one worst case per defense and epsilon.
+    assert len(results["worst_case"]) == 2 * 3
+    for worst in results["worst_case"]:
+        assert worst["attacks"] == ["pgd-eot (3 steps, EOT 2)", "fgsm (EOT 2)"]
+        assert worst["robust_accuracy"] <= worst["strongest_single"]
+    assert all(len(r["robust_mask"]) == r["n"] == 16 for r in results["rows"])
     checks = {c["check"] for c in results["sanity_checks"]}
     assert {"iterative >= single-step", "white-box >= transfer", "accuracy -> ~0 at large epsilon"} <= checks
     report = (tmp_path / "eval" / "report.md").read_text()
-    assert "| undefended | pgd-eot" in report and "Sanity checks" in report
+    assert "| undefended | pgd-eot" in report and "Sanity checks" in report and "Worst case" in report
     for png in ("accuracy_vs_epsilon.png", "examples_undefended.png", "examples_rt_atop_2.png"):
         assert (tmp_path / "eval" / png).stat().st_size > 5000
     progress = (tmp_path / "eval" / "progress.jsonl").read_text().splitlines()

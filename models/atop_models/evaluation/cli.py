@@ -113,6 +113,11 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['defense']:>16} {row['attack']:<48} {row['norm']} {row['epsilon']:.4f} "
             f"clean {row['clean_accuracy']:.3f} robust {row['robust_accuracy']:.3f} (n={row['n']})"
         )
+    for worst in payload["worst_case"]:
+        print(
+            f"{worst['defense']:>16} {'worst case of ' + str(len(worst['attacks'])) + ' adaptive attacks':<48} "
+            f"{worst['norm']} {worst['epsilon']:.4f} robust {worst['robust_accuracy']:.3f} (n={worst['n']})"
+        )
 
 
 if __name__ == "__main__":

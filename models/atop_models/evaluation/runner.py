@@ -92,6 +92,7 @@ def evaluate(config: EvalConfig, data: ImageArrays, out: Path, device: torch.dev
         defense, classifier = built[row.defense]
         randomized = row.defense != "undefended"
         clean = robust = n = 0
+        masks: list[str] = []
         for batch, (x, y) in enumerate(tqdm(loader, desc=row.key, leave=False, unit="batch")):
             record = done.get((row.key, batch))
             if record is None:
@@ -110,12 +111,14 @@ def evaluate(config: EvalConfig, data: ImageArrays, out: Path, device: torch.dev
                     "n": len(y),
                     "clean": int(clean_ok.sum()),
                     "robust": int((clean_ok & adv_ok).sum()),
+                    "robust_mask": "".join("1" if ok else "0" for ok in (clean_ok & adv_ok).tolist()),
                 }
                 with open(progress, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 if batch == 0 and row.attack.adaptive and row.defense not in examples:
                     examples[row.defense] = (x[: config.grid_images].cpu(), x_adv[: config.grid_images].cpu())
             clean, robust, n = clean + record["clean"], robust + record["robust"], n + record["n"]
+            masks.append(record.get("robust_mask", ""))  # absent in progress files written before masks were kept
         results.append(
             {
                 "defense": row.defense,
@@ -130,6 +133,8 @@ def evaluate(config: EvalConfig, data: ImageArrays, out: Path, device: torch.dev
                 "clean_accuracy": clean / n,
                 "robust_accuracy": robust / n,
                 "ci95": wilson95(robust, n),
+                # Per image, in order: 1 = robust. Lets rows be combined (report.worst_case) and re-analysed.
+                "robust_mask": "".join(masks) if all(masks) else None,
             }
         )
     return results, {"examples": examples, "models": built}
