@@ -12,6 +12,7 @@ from atop_models.data import load_split
 from atop_models.evaluation import attacks as eval_attacks
 from atop_models.evaluation.clean import main as clean_accuracy_main
 from atop_models.evaluation.cli import main as atop_eval
+from atop_models.evaluation.report import mcnemar_one_sided, sanity_checks
 from atop_models.evaluation.runner import wilson95
 from atop_models.pipeline import DefendedClassifier, PipelineConfig
 from atop_models.purifiers import PURIFIERS
@@ -175,6 +176,37 @@ def test_atop_eval_writes_report_and_resumes(trained, tmp_path):
     assert len(progress) == 2 * 3 * 3 * 2  # rows x batches
     atop_eval(args)  # everything done: resumes without recomputing
     assert (tmp_path / "eval" / "progress.jsonl").read_text().splitlines() == progress
+
+
+def _row(attack_name: str, mask: str) -> dict:
+    return {
+        "defense": "rt+atop",
+        "attack_name": attack_name,
+        "attack": attack_name,
+        "norm": "linf",
+        "epsilon": 2 / 255,
+        "adaptive": attack_name != "transfer-pgd",
+        "steps": 20,
+        "eot": 4,
+        "robust_accuracy": mask.count("1") / len(mask),
+        "robust_mask": mask,
+    }
+
+
+def test_sanity_checks_fail_only_on_more_than_random_transform_noise():
+    assert mcnemar_one_sided(13, 7) == pytest.approx(0.1316, abs=1e-4)
+    assert mcnemar_one_sided(0, 0) == 1.0
+    # 25 vs 19 robust of 64, 13 vs 7 discordant (session 6's rt+pretrained at 2/255): noise, passes.
+    pgd = "1" * 12 + "1" * 13 + "0" * 7 + "0" * 32
+    fgsm = "1" * 12 + "0" * 13 + "1" * 7 + "0" * 32
+    (noisy,) = sanity_checks([_row("pgd-eot", pgd), _row("fgsm", fgsm)])
+    assert noisy["passed"] and noisy["p_value"] > 0.05 and "only under the first 13" in noisy["detail"]
+    # PGD leaves 30 more images robust than FGSM, never fewer: a broken iterative attack, fails.
+    (broken,) = sanity_checks([_row("pgd-eot", "1" * 40 + "0" * 24), _row("fgsm", "1" * 10 + "0" * 54)])
+    assert not broken["passed"] and broken["p_value"] < 1e-6
+    # Significant (40 vs 10 discordant of 1,000) but only 3 points: within the slack, passes.
+    (small,) = sanity_checks([_row("pgd-eot", "1" * 40 + "0" * 960), _row("fgsm", "0" * 40 + "1" * 10 + "0" * 950)])
+    assert small["passed"] and small["p_value"] < 1e-4
 
 
 def test_clean_accuracy_command_is_seeded_and_matches_the_classifier(trained, tmp_path, capsys):
