@@ -19,8 +19,9 @@ CHECKPOINTS = Checkpoints(
 )
 SIZE_BUDGET_BYTES = 30 * 2**20  # shipped checkpoints + the shipped ONNX repository (developers' guide)
 
-# defense -> minimum accuracy on the 300 images (the card's 10,000-image figure minus ~2 standard errors)
-FLOORS = {"undefended": 0.87, "rt+pretrained": 0.43, "rt+atop": 0.53}
+# defense -> minimum accuracy on the 300 images: the mean over RT seeds 0-4 on them (models/zoo/README.md: 91.3,
+# 54.3 and 59.3%) minus ~2 of those seeds' standard deviations (3.1 and 2.7 points for the purified pipelines)
+FLOORS = {"undefended": 0.87, "rt+pretrained": 0.48, "rt+atop": 0.54}
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +39,11 @@ def test_shipped_checkpoints_share_one_lineage():
     atop = read_config(CHECKPOINTS.atop)
     pretrained = read_config(CHECKPOINTS.pretrained)
     assert atop["lineage"]["classifier"]["sha256"] == classifier["weights_sha256"]
-    start = atop["lineage"]["pretrained_purifier"]
-    while "pretrained_purifier" in start.get("lineage", {}):  # fine-tuning stages, down to the pretrained one
-        start = start["lineage"]["pretrained_purifier"]
-    assert start["sha256"] == pretrained["weights_sha256"]
+    stages, stage = [], atop["lineage"]["pretrained_purifier"]
+    while stage is not None:  # every stage the served purifier was trained from, down to the first pretraining
+        stages.append(stage["sha256"])
+        stage = stage.get("lineage", {}).get("pretrained_purifier")
+    assert pretrained["weights_sha256"] in stages  # the baseline is one of them (pretraining has several stages)
     assert atop["classes"] == pretrained["classes"] == classifier["classes"]
 
 
