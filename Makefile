@@ -63,17 +63,17 @@ FINETUNE_EPOCHS ?= 1
 FINETUNE_IMAGES ?= 0
 # Every purifier stage after the first trains from given weights against the recipe's classifier.
 FINETUNE = atop-train finetune --data-source $(DATA) --classifier $(RUNS)/classifier/classifier
-# Continued pretraining: the classification term never switches on (warm-up = every epoch), so no attack runs.
-PRETRAIN_MORE = $(FINETUNE) --eval-robust-images 0
+# Continued pretraining for $(1) epochs: the classification term never switches on (warm-up = every epoch), so
+# no attack runs.
+pretrain_more = $(FINETUNE) --eval-robust-images 0 --epochs $(1) --ce-warmup-epochs $(1)
 train-default: install
 	$(RUN) atop-train classifier --out $(RUNS)/classifier --data-source $(DATA) --data-eval-images 0 \
 	    --epochs $(CLASSIFIER_EPOCHS) --arch-kwargs '{"flip_average": true}'
 	$(RUN) atop-train pretrain --out $(RUNS)/pretrain --data-source $(DATA) --epochs $(PRETRAIN_EPOCHS) \
 	    --cnum 24 --batch-size 64 --classifier $(RUNS)/classifier/classifier
-	$(RUN) $(PRETRAIN_MORE) --out $(RUNS)/pretrain-more --epochs $(PRETRAIN_MORE_EPOCHS) \
-	    --ce-warmup-epochs $(PRETRAIN_MORE_EPOCHS) --lr 1e-3 --purifier $(RUNS)/pretrain/purifier --discriminator new
-	$(RUN) $(PRETRAIN_MORE) --out $(RUNS)/pretrain-decay --epochs 1 --ce-warmup-epochs 1 --lr 1e-4 \
-	    --purifier $(RUNS)/pretrain-more/purifier
+	$(RUN) $(call pretrain_more,$(PRETRAIN_MORE_EPOCHS)) --out $(RUNS)/pretrain-more --lr 1e-3 \
+	    --purifier $(RUNS)/pretrain/purifier --discriminator new
+	$(RUN) $(call pretrain_more,1) --out $(RUNS)/pretrain-decay --lr 1e-4 --purifier $(RUNS)/pretrain-more/purifier
 	$(RUN) $(FINETUNE) --out $(RUNS)/atop --epochs $(FINETUNE_EPOCHS) --data-train-images $(FINETUNE_IMAGES) \
 	    --ce-warmup-epochs 0 --ce-weight 0.5 --lr 1e-4 --attack-steps 3 --attack-step-size 0.0118 \
 	    --purifier $(RUNS)/pretrain-decay/purifier
