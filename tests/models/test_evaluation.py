@@ -174,8 +174,13 @@ def test_atop_eval_writes_report_and_resumes(trained, tmp_path):
         assert (tmp_path / "eval" / png).stat().st_size > 5000
     progress = (tmp_path / "eval" / "progress.jsonl").read_text().splitlines()
     assert len(progress) == 2 * 3 * 3 * 2  # rows x batches
-    atop_eval(args)  # everything done: resumes without recomputing
+    for png in ("examples_undefended.png", "examples_rt_atop_2.png"):
+        (tmp_path / "eval" / png).unlink()
+    atop_eval(args)  # everything done: resumes without recomputing, and redraws the grids of the first run
     assert (tmp_path / "eval" / "progress.jsonl").read_text().splitlines() == progress
+    report = (tmp_path / "eval" / "report.md").read_text()
+    for png in ("examples_undefended.png", "examples_rt_atop_2.png"):
+        assert f"({png})" in report and (tmp_path / "eval" / png).stat().st_size > 5000
 
 
 def _row(attack_name: str, mask: str) -> dict:

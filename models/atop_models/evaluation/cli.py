@@ -5,7 +5,8 @@
   atop-eval ... --fast                        # CPU defaults: 64 images, PGD-20, APGD-20, EOT-4 (flags still win)
 
 Writes <out>/results.json (rows: defense, attack, norm, epsilon, n, clean_accuracy, robust_accuracy, ci95),
-<out>/report.md, accuracy_vs_epsilon.png and examples_<defense>.png; rerunning resumes from progress.jsonl.
+<out>/report.md, accuracy_vs_epsilon.png and examples_<defense>.png; rerunning resumes from progress.jsonl
+(and examples_<defense>.safetensors, the attacked batch each grid shows).
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from fractions import Fraction
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from atop_models.checkpoint import read_config
 from atop_models.data import load_split
 from atop_models.evaluation import defenses, report
-from atop_models.evaluation.runner import EvalConfig, evaluate
+from atop_models.evaluation.runner import EvalConfig, evaluate, example_stem
 from atop_models.train.common import DEFAULT_DATA
 from atop_models.train.runtime import setup_runtime
 
@@ -96,14 +98,14 @@ def main(argv: list[str] | None = None) -> None:
     classifier_record = read_config(args.classifier)
     data = load_split(args.data_source, "test", classifier_record["image_size"], args.data_cache_dir)
     data = data.subset(args.images)
-    rows, extras = evaluate(config, data, args.out, runtime.device)
+    rows, built = evaluate(config, data, args.out, runtime.device)
     example_defenses = []
-    for name, (x, x_adv) in extras["examples"].items():
-        defense = extras["models"][name][0]
-        report.plot_examples(
-            name, defense, data.classes, x, x_adv, args.out / f"examples_{name.replace('+', '_').replace('@', '_')}.png"
-        )
-        example_defenses.append(name)
+    for name, (defense, _) in built.items():
+        grid = args.out / f"{example_stem(name)}.safetensors"
+        if grid.exists():
+            batch = load_file(grid, device=str(runtime.device))
+            report.plot_examples(name, defense, data.classes, batch["x"], batch["x_adv"], grid.with_suffix(".png"))
+            example_defenses.append(name)
     with torch.no_grad():
         payload = report.write(
             rows, args.out, {"command": command, "data": args.data_source, "example_defenses": example_defenses}

@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import torch
 
-from atop_models.evaluation.runner import wilson95
+from atop_models.evaluation.runner import example_stem, wilson95
 from atop_models.pipeline import DefendedClassifier
 
 SLACK = 0.05  # accuracy points by which a 'stronger' attack may exceed a weaker one before the check fails
@@ -114,10 +114,6 @@ def mcnemar_one_sided(more: int, fewer: int) -> float:
     """P(at least `more` of the `more + fewer` discordant pairs fall on one side | both sides equally likely)."""
     n = more + fewer
     return sum(math.comb(n, k) for k in range(more, n + 1)) / 2**n
-
-
-def example_file(defense: str) -> str:
-    return f"examples_{defense.replace('+', '_').replace('@', '_')}.png"
 
 
 def plot_curves(rows: list[dict], path: Path) -> bool:
@@ -244,10 +240,7 @@ def write(rows: list[dict], out: Path, meta: dict[str, Any]) -> dict[str, Any]:
         lines += ["", "![accuracy vs epsilon](accuracy_vs_epsilon.png)"]
     lines += [
         "",
-        *[
-            f"![{name}](examples_{name.replace('+', '_').replace('@', '_')}.png)"
-            for name in meta.get("example_defenses", [])
-        ],
+        *[f"![{name}]({example_stem(name)}.png)" for name in meta.get("example_defenses", [])],
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return payload

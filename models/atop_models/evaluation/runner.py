@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from atop_models.attacks import Norm
@@ -72,8 +73,16 @@ def _check_budget(x: torch.Tensor, x_adv: torch.Tensor, norm: Norm, epsilon: flo
         raise RuntimeError(f"{row.key}: the attack left the {norm} ball of {epsilon:.4g} or [0,1]")
 
 
-def evaluate(config: EvalConfig, data: ImageArrays, out: Path, device: torch.device) -> tuple[list[dict], dict]:
-    """Run every row (resuming), return (result rows, example batches per defense for the image grids)."""
+def example_stem(defense: str) -> str:
+    """File name, without suffix, of a defense's example grid (.png) and of the batch it is drawn from."""
+    return "examples_" + defense.replace("+", "_").replace("@", "_")
+
+
+def evaluate(
+    config: EvalConfig, data: ImageArrays, out: Path, device: torch.device
+) -> tuple[list[dict], dict[str, tuple]]:
+    """Run every row (resuming), return (result rows, the built defenses by name). Each defense's first attacked
+    batch is kept in <out>/examples_<defense>.safetensors for its image grid."""
     out.mkdir(parents=True, exist_ok=True)
     progress = out / "progress.jsonl"
     done: dict[tuple[str, int], dict] = {}
@@ -84,7 +93,7 @@ def evaluate(config: EvalConfig, data: ImageArrays, out: Path, device: torch.dev
     size = data.images.shape[-1]
     loader = BatchLoader(data, LoaderConfig(config.batch_size, size, shuffle=False, drop_last=False), device)
     built: dict[str, tuple] = {}
-    results, examples = [], {}
+    results = []
     rows = config.rows()
     for row in tqdm(rows, desc="rows", unit="row"):
         if row.defense not in built:
@@ -115,8 +124,11 @@ def evaluate(config: EvalConfig, data: ImageArrays, out: Path, device: torch.dev
                 }
                 with open(progress, "a") as f:
                     f.write(json.dumps(record) + "\n")
-                if batch == 0 and row.attack.adaptive and row.defense not in examples:
-                    examples[row.defense] = (x[: config.grid_images].cpu(), x_adv[: config.grid_images].cpu())
+                grid = out / f"{example_stem(row.defense)}.safetensors"
+                if batch == 0 and row.attack.adaptive and not grid.exists():
+                    # On disk, not in memory: a resumed evaluation still draws the grids of rows finished before.
+                    keep = {"x": x[: config.grid_images], "x_adv": x_adv[: config.grid_images]}
+                    save_file({k: v.detach().cpu().contiguous() for k, v in keep.items()}, grid)
             clean, robust, n = clean + record["clean"], robust + record["robust"], n + record["n"]
             masks.append(record.get("robust_mask", ""))  # absent in progress files written before masks were kept
         results.append(
@@ -137,4 +149,4 @@ def evaluate(config: EvalConfig, data: ImageArrays, out: Path, device: torch.dev
                 "robust_mask": "".join(masks) if all(masks) else None,
             }
         )
-    return results, {"examples": examples, "models": built}
+    return results, built
