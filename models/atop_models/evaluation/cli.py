@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from atop_models.checkpoint import read_config
 from atop_models.data import load_split
 from atop_models.evaluation import defenses, report
-from atop_models.evaluation.runner import EvalConfig, evaluate, example_stem
+from atop_models.evaluation.runner import EvalConfig, evaluate, example_batch_file
 from atop_models.train.common import DEFAULT_DATA
 from atop_models.train.runtime import setup_runtime
 
@@ -101,9 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     rows, built = evaluate(config, data, args.out, runtime.device)
     example_defenses = []
     for name, (defense, _) in built.items():
-        grid = args.out / f"{example_stem(name)}.safetensors"
+        grid = example_batch_file(args.out, name)
         if grid.exists():
-            batch = load_file(grid, device=str(runtime.device))
+            batch = load_file(grid)  # plot_examples moves it to the defense's device
             report.plot_examples(name, defense, data.classes, batch["x"], batch["x_adv"], grid.with_suffix(".png"))
             example_defenses.append(name)
     with torch.no_grad():

@@ -78,11 +78,16 @@ def example_stem(defense: str) -> str:
     return "examples_" + defense.replace("+", "_").replace("@", "_")
 
 
+def example_batch_file(out: Path, defense: str) -> Path:
+    """Where a defense's first attacked batch (clean and adversarial images) is kept for its grid."""
+    return out / f"{example_stem(defense)}.safetensors"
+
+
 def evaluate(
     config: EvalConfig, data: ImageArrays, out: Path, device: torch.device
 ) -> tuple[list[dict], dict[str, tuple]]:
     """Run every row (resuming), return (result rows, the built defenses by name). Each defense's first attacked
-    batch is kept in <out>/examples_<defense>.safetensors for its image grid."""
+    batch is kept in example_batch_file(out, defense) for its image grid."""
     out.mkdir(parents=True, exist_ok=True)
     progress = out / "progress.jsonl"
     done: dict[tuple[str, int], dict] = {}
@@ -124,7 +129,7 @@ def evaluate(
                 }
                 with open(progress, "a") as f:
                     f.write(json.dumps(record) + "\n")
-                grid = out / f"{example_stem(row.defense)}.safetensors"
+                grid = example_batch_file(out, row.defense)
                 if batch == 0 and row.attack.adaptive and not grid.exists():
                     # On disk, not in memory: a resumed evaluation still draws the grids of rows finished before.
                     keep = {"x": x[: config.grid_images], "x_adv": x_adv[: config.grid_images]}
