@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -14,4 +16,22 @@ def accuracy(
 ) -> float:
     config = LoaderConfig(batch_size=batch_size, image_size=image_size, shuffle=False, drop_last=False)
     correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in BatchLoader(data, config, device))
+    return correct / len(data)
+
+
+def robust_accuracy(
+    model: nn.Module,
+    attack: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    data: ImageArrays,
+    device: torch.device,
+    image_size: int,
+    batch_size: int = 64,
+) -> float:
+    """Fraction of `data` that `model` classifies correctly after `attack` (which sees `model` itself)."""
+    config = LoaderConfig(batch_size=batch_size, image_size=image_size, shuffle=False, drop_last=False)
+    correct = 0
+    for x, y in BatchLoader(data, config, device):
+        x_adv = attack(x, y)
+        with torch.no_grad():
+            correct += int((model(x_adv).argmax(1) == y).sum())
     return correct / len(data)

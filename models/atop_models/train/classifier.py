@@ -18,6 +18,7 @@ from atop_models.checkpoint import save_model
 from atop_models.classifiers import CLASSIFIERS
 from atop_models.data import BatchLoader, ImageArrays, LoaderConfig
 from atop_models.evaluate import accuracy
+from atop_models.train.adversarial import AdversarialConfig
 from atop_models.train.common import DataConfig
 from atop_models.train.options import help_field
 from atop_models.train.runtime import Runtime
@@ -62,6 +63,7 @@ class ClassifierConfig:
     flip: Literal["random", "alternate"] = help_field(
         "alternate", "mirror a fresh coin per view, or each image alternately by epoch (airbench: alternate)"
     )
+    adv: AdversarialConfig = dataclasses.field(default_factory=AdversarialConfig)
     seed: int = help_field(0, "seeds data order, init and augmentation")
 
 
@@ -75,6 +77,27 @@ def triangle(total_steps: int, start: float, peak_at: float, end: float) -> Any:
         return 1.0 + (end - 1.0) * min(1.0, (step - peak) / max(1, total_steps - peak))
 
     return factor
+
+
+def airbench_sgd(
+    model: nn.Module, lr: float, bias_lr_scale: float, weight_decay: float, momentum: float, global_batch: int
+) -> torch.optim.SGD:
+    """airbench's SGD-Nesterov: lr and weight decay are set per 1024 images, BatchNorm biases get a boosted lr."""
+    norm_biases = [m.bias for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    others = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in norm_biases)]
+    per_1024 = global_batch / 1024
+    lr = lr * per_1024
+    bias_lr = lr * bias_lr_scale
+    decay = weight_decay * per_1024
+    # torch's SGD decays by lr * weight_decay per step: divide, so the decay per step is the configured one.
+    return torch.optim.SGD(
+        [
+            {"params": norm_biases, "lr": bias_lr, "weight_decay": decay / bias_lr},
+            {"params": others, "lr": lr, "weight_decay": decay / lr},
+        ],
+        momentum=momentum,
+        nesterov=True,
+    )
 
 
 class Lookahead:
@@ -118,26 +141,20 @@ class ClassifierTask:
         self.total_steps = config.epochs * steps_per_epoch
         self.lookahead = Lookahead(self.model) if config.lookahead_every else None
         self.trained = runtime.wrap(self.model)
-        norm_biases = [m.bias for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        others = [p for p in self.model.parameters() if p.requires_grad and all(p is not q for q in norm_biases)]
-        per_1024 = config.batch_size * runtime.world_size / 1024  # lr and decay are set per 1024 images
-        lr = config.lr * per_1024
-        bias_lr = lr * config.bias_lr_scale
-        decay = config.weight_decay * per_1024
-        # torch's SGD decays by lr * weight_decay per step: divide, so the decay per step is the configured one.
-        self.optimizer = torch.optim.SGD(
-            [
-                {"params": norm_biases, "lr": bias_lr, "weight_decay": decay / bias_lr},
-                {"params": others, "lr": lr, "weight_decay": decay / lr},
-            ],
-            momentum=config.momentum,
-            nesterov=True,
+        self.optimizer = airbench_sgd(
+            self.model,
+            config.lr,
+            config.bias_lr_scale,
+            config.weight_decay,
+            config.momentum,
+            config.batch_size * runtime.world_size,
         )
         schedule = triangle(self.total_steps, config.lr_start, config.lr_peak_at, config.lr_end)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=runtime.device.type == "cuda")
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, float]:
+        x = self.config.adv.perturb(self.model, x, y)
         self.trained.train()
         with self.autocast:
             logits = self.trained(x.contiguous(memory_format=torch.channels_last))

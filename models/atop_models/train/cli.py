@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from atop_models.train import classifier, purifier
+from atop_models.train import classifier, pipeline, purifier
 from atop_models.train.loop import fit
 from atop_models.train.options import add_options, from_options
 from atop_models.train.runtime import RunDir, setup_runtime, teardown_runtime
@@ -23,6 +23,11 @@ COMMANDS = {
         purifier.FinetuneConfig,
         purifier.build,
         "AToP: fine-tune the purifier with an adversarial loss",
+    ),
+    "pipeline": (
+        pipeline.PipelineTrainConfig,
+        pipeline.build,
+        "train the defended pipeline's classifier (optionally its purifier) on adversarial examples through it",
     ),
 }
 

@@ -17,12 +17,19 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def add_options(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+def add_options(parser: argparse.ArgumentParser, cls: type, prefix: str = "", defaults: Any = None) -> None:
+    """One option per field of `cls`; `defaults` (an instance) overrides the field defaults, so that a nested
+    config's options default to what the enclosing config's factory builds, not to the nested class's own."""
     for f in dataclasses.fields(cls):
         kind = _hints(cls)[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            default = f.default_factory()  # type: ignore[misc]
         if dataclasses.is_dataclass(kind):
-            add_options(parser, kind, f"{prefix}{f.name}_")
+            add_options(parser, kind, f"{prefix}{f.name}_", default)
             continue
         flag = "--" + (prefix + f.name).replace("_", "-")
         helptext = f"{f.metadata.get('help', '')} (default: {default})"

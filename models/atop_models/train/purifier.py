@@ -23,7 +23,7 @@ from atop_models.attacks import FGSM, PGD, EOTGradient
 from atop_models.checkpoint import load_model, paths, save_model
 from atop_models.data import BatchLoader, ImageArrays, LoaderConfig
 from atop_models.discriminator import DISCRIMINATORS, hinge_d_loss, hinge_g_loss
-from atop_models.evaluate import accuracy
+from atop_models.evaluate import accuracy, robust_accuracy
 from atop_models.pipeline import DefendedClassifier, PipelineConfig, compose
 from atop_models.purifiers import PURIFIERS
 from atop_models.rt import RandomTransform, RTConfig
@@ -216,14 +216,11 @@ class PurifierTask:
         config = self.config
         assert isinstance(config, FinetuneConfig) and self.pipeline is not None
         subset = self.test.subset(config.eval_robust_images)
-        loader_config = LoaderConfig(batch_size=64, image_size=config.image_size, shuffle=False, drop_last=False)
-        attack, correct = self.attack("pgd-pipeline"), 0
-        for x, y in BatchLoader(subset, loader_config, self.runtime.device):
-            x_adv = attack(x, y)
-            with torch.no_grad():
-                correct += int((self.pipeline(x_adv).argmax(1) == y).sum())
+        robust = robust_accuracy(
+            self.pipeline, self.attack("pgd-pipeline"), subset, self.runtime.device, config.image_size
+        )
         name = f"robust_accuracy_pgd{config.attack_steps}_eot{config.attack_eot}"
-        return {name: correct / len(subset), "robust_images": len(subset)}
+        return {name: robust, "robust_images": len(subset)}
 
     def _save(self, epoch: int, metrics: dict[str, Any]) -> None:
         common = {
