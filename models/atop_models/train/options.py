@@ -32,7 +32,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type, prefix: str = "", de
             add_options(parser, kind, f"{prefix}{f.name}_", default)
             continue
         flag = "--" + (prefix + f.name).replace("_", "-")
-        helptext = f"{f.metadata.get('help', '')} (default: {default})"
+        # argparse %-formats help texts: a literal % (e.g. "94% accuracy") must reach it doubled.
+        helptext = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
         dest = prefix + f.name
         origin = typing.get_origin(kind)
         if kind is bool:
