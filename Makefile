@@ -6,12 +6,24 @@ UV_VERSION := 0.13.9
 UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: help install test lint serve format clean proto bench container-test export train-default zoo
+.PHONY: help install serve-install test lint serve format clean proto bench container-test export train-default zoo
 
 help:
-	@echo "make serve   start the gRPC server on the shipped default model"
-	@echo "make test    lint + the whole test suite"
-	@echo "make install create .venv with every workspace package (uv sync)"
+	@echo "make serve           start the gRPC server on the shipped default model (installs the serving side only)"
+	@echo "                     variables: MODEL_REPOSITORY=DIR HOST=0.0.0.0 PORT=8001 METRICS_PORT=8002 (-1: off)"
+	@echo "make serve-install   install only the serving side into .venv: server, clients, proto (no torch)"
+	@echo "make install         install every workspace package into .venv: also the trainer and exporter (torch)"
+	@echo "make test            lint + the whole test suite"
+	@echo "make lint            ruff check and format check"
+	@echo "make format          ruff fix and format"
+	@echo "make train-default   the default models' recipe into RUNS=runs/default (resumable, hours on a CPU)"
+	@echo "make zoo             copy a finished recipe's checkpoints over models/zoo"
+	@echo "make export          rebuild model_repository/ from the checkpoints in models/zoo"
+	@echo "make bench           serving throughput and latency as ratios to in-process onnxruntime"
+	@echo "make container-test  build the serving image with podman, classify through it, SIGTERM it"
+	@echo "make proto           regenerate the Python code of proto/atop_proto/*.proto"
+	@echo "make clean           remove .venv, .tools and the caches"
+	@echo "make help            this list"
 
 $(CURDIR)/.tools/bin/uv:
 	python3 -m venv $(CURDIR)/.tools
@@ -91,12 +103,18 @@ export: install
 	$(RUN) atop-export --classifier $(ZOO)/classifier --purifier $(ZOO)/purifier --repository $(MODEL_REPOSITORY) \
 	    --inputs float
 
-serve: install
+# The serving side only (no torch): --inexact leaves a full `make install` in .venv as it is.
+serve-install: | $(UV)
+	$(UV) sync --frozen --inexact --no-dev --package atop-server --package atop-clients
+
+# HOST, PORT, METRICS_PORT: passed on when given, else atop-serve's defaults (and ATOP_* variables) hold.
+serve: serve-install
 	@if [ ! -d "$(MODEL_REPOSITORY)" ]; then \
 	  echo "No model repository at $(MODEL_REPOSITORY): 'make export' rebuilds the default one from $(ZOO);" >&2; \
 	  echo "serve your own with atop-export ... --repository DIR, then make serve MODEL_REPOSITORY=DIR" >&2; \
 	  exit 2; fi
-	$(RUN) atop-serve --model-repository $(MODEL_REPOSITORY)
+	$(UV) run --no-sync atop-serve --model-repository $(MODEL_REPOSITORY) $(if $(HOST),--host $(HOST)) \
+	    $(if $(PORT),--port $(PORT)) $(if $(METRICS_PORT),--metrics-port $(METRICS_PORT))
 
 # Serving throughput/latency as ratios to in-process onnxruntime (tests/bench/serving.py).
 bench: install
