@@ -38,3 +38,11 @@ def test_lock_file_matches_the_pyproject_files():
     uv = next((p for p in (REPO / ".tools" / "bin" / "uv", Path("/usr/local/bin/uv")) if p.exists()), "uv")
     result = subprocess.run([str(uv), "lock", "--check", "--offline"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_root_depends_on_every_member_so_uv_run_finds_every_command():
+    """`uv run atop-train` on a fresh clone syncs the root project first: its dependencies are what gets installed."""
+    lock = tomllib.loads((REPO / "uv.lock").read_text())
+    members = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["uv"]["workspace"]["members"]
+    names = {tomllib.loads((REPO / m / "pyproject.toml").read_text())["project"]["name"] for m in members}
+    assert names <= closure(lock, "atop-serve")
