@@ -37,12 +37,17 @@ class ImageArrays:
 
     def subset(self, count: int) -> ImageArrays:
         """The first `count` images of every class taken round-robin, so small subsets stay balanced."""
-        rank_in_class = torch.empty_like(self.labels)
-        for c in range(len(self.classes)):
-            members = (self.labels == c).nonzero().squeeze(1)
-            rank_in_class[members] = torch.arange(len(members))
-        keep = torch.argsort(rank_in_class * len(self.classes) + self.labels)[:count].sort().values
+        keep = balanced_indices(self.labels, len(self.classes), count)
         return ImageArrays(self.images[keep], self.labels[keep], self.classes)
+
+
+def balanced_indices(labels: torch.Tensor, num_classes: int, count: int) -> torch.Tensor:
+    """Ascending indices of the first images of every class taken round-robin, `count` in all."""
+    rank_in_class = torch.empty_like(labels)
+    for c in range(num_classes):
+        members = (labels == c).nonzero().squeeze(1)
+        rank_in_class[members] = torch.arange(len(members))
+    return torch.argsort(rank_in_class * num_classes + labels)[:count].sort().values
 
 
 def _is_archive(path: Path) -> bool:
@@ -110,8 +115,12 @@ def decode_image(path: Path, size: int) -> np.ndarray:
         return np.asarray(image, dtype=np.uint8)
 
 
-def _load_folder(folder: Path, size: int, workers: int) -> ImageArrays:
+def _load_folder(folder: Path, size: int, workers: int, count: int) -> ImageArrays:
+    """Decode the folder's images, or only the class-balanced `count` of them (0: all) that a run will use."""
     files, labels, classes = list_image_folder(folder)
+    if count:
+        keep = balanced_indices(torch.tensor(labels), len(classes), count).tolist()
+        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
     with ThreadPoolExecutor(workers) as pool:
         decoded = list(
             tqdm(
@@ -137,36 +146,51 @@ def _load_torchvision(name: str, split: str, size: int, cache_dir: Path) -> Imag
 
 
 def load_split(
-    source: str | Path, split: str, size: int, cache_dir: str | Path = ".data", workers: int = 4
+    source: str | Path, split: str, size: int, cache_dir: str | Path = ".data", workers: int = 4, count: int = 0
 ) -> ImageArrays:
-    """Load `split` ('train' or 'test') of a data source, every image resized to size x size.
+    """Load `split` ('train' or 'test') of a data source, every image resized to size x size; count > 0: only a
+    class-balanced subset of that many images (ImageArrays.subset's), and only those are decoded.
 
     source: 'cifar10' / 'cifar100' (torchvision download into cache_dir), an ImageFolder directory holding
     <split>/<class>/<image>, or a .tar / .tar.gz of one.
     """
     cache_dir = Path(cache_dir)
     if str(source) in DOWNLOADABLE:
-        return _load_torchvision(str(source), split, size, cache_dir)
+        arrays = _load_torchvision(str(source), split, size, cache_dir)
+        return arrays.subset(count) if count else arrays
     root = Path(source)
     if _is_archive(root):
         root = extract_archive(root, cache_dir)
     elif not root.is_dir():
         raise FileNotFoundError(f"data source {source} is neither a folder, a .tar(.gz), nor one of {DOWNLOADABLE}")
     folder = find_split_dir(root, split)
-    key = hashlib.sha256(f"{folder.resolve()}|{size}".encode()).hexdigest()[:16]
-    cached = cache_dir / "decoded" / key
+    whole = _cache_folder(cache_dir, folder, size, 0)
+    if (whole / "classes.txt").exists():  # a previous run decoded the whole split: cut the subset from it
+        arrays = _read_cache(whole)
+        return arrays.subset(count) if count else arrays
+    cached = _cache_folder(cache_dir, folder, size, count)
     if (cached / "classes.txt").exists():
-        return ImageArrays(
-            torch.from_numpy(np.load(cached / "images.npy", allow_pickle=False)),
-            torch.from_numpy(np.load(cached / "labels.npy", allow_pickle=False)),
-            (cached / "classes.txt").read_text().splitlines(),
-        )
-    arrays = _load_folder(folder, size, workers)
+        return _read_cache(cached)
+    arrays = _load_folder(folder, size, workers, count)
     cached.mkdir(parents=True, exist_ok=True)
     np.save(cached / "images.npy", arrays.images.numpy())
     np.save(cached / "labels.npy", arrays.labels.numpy())
     (cached / "classes.txt").write_text("\n".join(arrays.classes) + "\n")  # written last: marks completeness
     return arrays
+
+
+def _cache_folder(cache_dir: Path, folder: Path, size: int, count: int) -> Path:
+    # The whole split keeps its original key, so caches of earlier versions still count.
+    subset = f"|{count}" if count else ""
+    return cache_dir / "decoded" / hashlib.sha256(f"{folder.resolve()}|{size}{subset}".encode()).hexdigest()[:16]
+
+
+def _read_cache(cached: Path) -> ImageArrays:
+    return ImageArrays(
+        torch.from_numpy(np.load(cached / "images.npy", allow_pickle=False)),
+        torch.from_numpy(np.load(cached / "labels.npy", allow_pickle=False)),
+        (cached / "classes.txt").read_text().splitlines(),
+    )
 
 
 def random_crop_flip(
@@ -187,6 +211,10 @@ def random_crop_flip(
     batch_index = torch.arange(batch)[:, None, None]
     index = tuple(i.to(x.device) for i in (batch_index, rows, cols))
     return padded.permute(0, 2, 3, 1)[index].permute(0, 3, 1, 2).contiguous()
+
+
+class TooFewImages(ValueError):
+    """A loader whose data fill no batch (a subset smaller than the batch size): the caller's to fix."""
 
 
 @dataclass(frozen=True)
@@ -222,7 +250,7 @@ class BatchLoader:
         full, rest = divmod(per_rank, config.batch_size)
         self.num_batches = full if config.drop_last or rest == 0 else full + 1
         if self.num_batches == 0:
-            raise ValueError(f"{len(data)} images over {world_size} process(es) make no batch of {config.batch_size}")
+            raise TooFewImages(f"{len(data)} images over {world_size} process(es) make no batch of {config.batch_size}")
 
     def __len__(self) -> int:
         return self.num_batches

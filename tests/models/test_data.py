@@ -1,3 +1,4 @@
+import shutil
 import tarfile
 
 import numpy as np
@@ -64,6 +65,23 @@ def test_missing_split_and_bad_source_are_clear_errors(tmp_path):
 def test_balanced_subset(cifar_folder, tmp_path):
     arrays = load_split(cifar_folder, "train", 32, tmp_path / "cache")
     assert arrays.subset(50).labels.bincount().tolist() == [5] * 10
+
+
+def test_a_subset_decodes_only_its_own_images(cifar_folder, tmp_path):
+    """Each class's last file is not an image: decoding the whole split fails, a subset never reads them."""
+    whole = load_split(cifar_folder, "train", 32, tmp_path / "cache")
+    broken = tmp_path / "broken"
+    shutil.copytree(cifar_folder / "train", broken / "train")
+    for label in whole.classes:
+        (broken / "train" / label / "zzz-last.jpg").write_bytes(b"not a jpeg")
+    subset = load_split(broken, "train", 32, tmp_path / "cache", count=50)
+    expected = whole.subset(50)
+    assert torch.equal(subset.images, expected.images) and torch.equal(subset.labels, expected.labels)
+    assert torch.equal(load_split(broken, "train", 32, tmp_path / "cache", count=50).images, subset.images)  # cached
+    with pytest.raises(OSError, match="cannot identify image file"):
+        load_split(broken, "train", 32, tmp_path / "cache")
+    # A split decoded whole before serves every subset from its cache.
+    assert torch.equal(load_split(cifar_folder, "train", 32, tmp_path / "cache", count=50).images, expected.images)
 
 
 def test_ranks_take_disjoint_equal_shards(synthetic_folder, tmp_path):

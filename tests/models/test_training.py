@@ -153,6 +153,15 @@ def test_whitening_statistics_cover_every_class(synthetic_folder, tmp_path):
     assert torch.allclose(task.model.whiten.weight, expected.whiten.weight)
 
 
+def test_a_batch_larger_than_the_subset_names_the_flags_to_change(synthetic_folder, tmp_path, capsys):
+    args = ["--out", tmp_path / "run", "--data-source", synthetic_folder, "--data-cache-dir", tmp_path / "cache"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["classifier", *map(str, args), "--data-train-images", "40", "--batch-size", "64"])
+    error = capsys.readouterr().err.splitlines()[-1]  # after the decoding progress bar
+    assert exit_info.value.code == 2 and error.startswith("atop-train classifier: error: 40 images over 1 process")
+    assert "make no batch of 64: lower --batch-size" in error
+
+
 def train_epochs(task, loader, epochs: range) -> None:
     for epoch in epochs:
         loader.set_epoch(epoch)

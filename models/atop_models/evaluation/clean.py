@@ -46,8 +46,7 @@ def main(argv: list[str] | None = None) -> None:
 
     device = setup_runtime(args.device).device
     size = read_config(args.classifier)["image_size"]
-    data = load_split(args.data_source, "test", size, args.data_cache_dir)
-    data = data.subset(args.images) if args.images else data
+    data = load_split(args.data_source, "test", size, args.data_cache_dir, count=args.images)
     checkpoints = defenses.Checkpoints(args.classifier, args.pretrained, args.atop)
     rows = []
     for name in args.defenses:

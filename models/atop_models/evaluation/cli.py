@@ -96,8 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     runtime = setup_runtime(args.device)
     classifier_record = read_config(args.classifier)
-    data = load_split(args.data_source, "test", classifier_record["image_size"], args.data_cache_dir)
-    data = data.subset(args.images)
+    data = load_split(args.data_source, "test", classifier_record["image_size"], args.data_cache_dir, count=args.images)
     rows, built = evaluate(config, data, args.out, runtime.device)
     example_defenses = []
     for name, (defense, _) in built.items():

@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from atop_models.data import TooFewImages
 from atop_models.train import classifier, pipeline, purifier
 from atop_models.train.loop import fit
 from atop_models.train.options import add_options, from_options
@@ -57,7 +58,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run = RunDir(args.out, runtime)
         resume = run.start(args.command, config, args.restart)
-        task, loader = build(config, runtime, args.out)
+        try:
+            task, loader = build(config, runtime, args.out)
+        except TooFewImages as error:
+            parser.exit(
+                2,
+                f"atop-train {args.command}: error: {error}: lower --batch-size or train on more images "
+                "(--data-train-images; 0 = all)\n",
+            )
         history = fit(task, loader, run, runtime, config.epochs, config.seed, args.checkpoint_minutes, resume)
         if runtime.is_main and history:
             print(json.dumps(history[-1]))

@@ -22,10 +22,6 @@ class DataConfig:
     eval_images: int = help_field(1000, "test images evaluated after each epoch; 0 = the whole test split")
 
     def load(self) -> tuple[ImageArrays, ImageArrays]:
-        train = load_split(self.source, "train", self.size, self.cache_dir)
-        test = load_split(self.source, "test", self.size, self.cache_dir)
-        if self.train_images:
-            train = train.subset(self.train_images)
-        if self.eval_images:
-            test = test.subset(self.eval_images)
+        train = load_split(self.source, "train", self.size, self.cache_dir, count=self.train_images)
+        test = load_split(self.source, "test", self.size, self.cache_dir, count=self.eval_images)
         return train, test
