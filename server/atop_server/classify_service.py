@@ -35,12 +35,13 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     def _classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
         model = self.core.model(request.model)
         top_k = request.top_k or 1
-        if not 1 <= top_k <= model.num_classes:
-            raise InvalidInput(f"top_k must be between 1 and {model.num_classes}, got {top_k}")
-        images = self.core.decode(list(request.images), model.size)
-        probabilities = self.core.classify(
-            model, images, request.draws or 1, time_left(context), cancellation_token(context)
-        )
+        with self.core.failures_counted(model):
+            if not 1 <= top_k <= model.num_classes:
+                raise InvalidInput(f"top_k must be between 1 and {model.num_classes}, got {top_k}")
+            images = self.core.decode(list(request.images), model.size)
+            probabilities = self.core.classify(
+                model, images, request.draws or 1, time_left(context), cancellation_token(context)
+            )
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
         labels = model.loaded.labels
         results = [

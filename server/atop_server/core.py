@@ -8,11 +8,12 @@ on every execution, from a session seeded by OS entropy (session.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,10 +241,20 @@ class InferenceCore:
         except BaseException:
             for f in futures:
                 f.cancel()
-            self._record(model, len(images), time.monotonic() - started, ok=False)
             raise
         self._record(model, len(images), time.monotonic() - started, ok=True)
         return rows.reshape(draws, len(images), -1).mean(0)
+
+    @contextlib.contextmanager
+    def failures_counted(self, model: ServedModel) -> Iterator[None]:
+        """Counts a request that fails inside as a failure of `model` (ModelStatistics' fail, as Triton does),
+        whatever went wrong: bad input, parameters, overload, deadline, cancellation."""
+        started = time.monotonic()
+        try:
+            yield
+        except BaseException:
+            self._record(model, 0, time.monotonic() - started, ok=False)
+            raise
 
     @staticmethod
     def _wait(futures: list[Future], deadline: float | None, cancelled: Future | None) -> None:

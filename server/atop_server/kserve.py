@@ -35,6 +35,19 @@ def _shape(spec_shape: tuple) -> list[int]:
     return [d if isinstance(d, int) else -1 for d in spec_shape]
 
 
+def accepted_inputs(model: ServedModel) -> list[tuple[str, str, list[int]]]:
+    """(name, datatype, shape) of every input a request may supply, one per request: the graph's own first,
+    then encoded images (BYTES) and, for a float graph, decoded UINT8 pixels. Advertised as separate names so
+    that a Triton or KServe client finds the BYTES input in ModelMetadata alone; the server goes by the
+    datatype, so each name takes any of the three."""
+    own = model.loaded.inputs[0]
+    inputs = [(own.name, _ORT_TO_KSERVE[own.datatype], _shape(own.shape))]
+    inputs.append((f"{own.name}_BYTES", "BYTES", [-1, 1]))
+    if model.layout == "NCHW":
+        inputs.append((f"{own.name}_UINT8", "UINT8", [-1, model.size, model.size, 3]))
+    return inputs
+
+
 def _parameter(parameters: dict, name: str, default: int) -> int:
     if name not in parameters:
         return default
@@ -87,21 +100,16 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext
     ) -> pb.ModelMetadataResponse:
         model = self.core.model(request.name, request.version)
-
-        def tensors(specs: tuple) -> list:
-            return [
-                pb.ModelMetadataResponse.TensorMetadata(
-                    name=s.name, datatype=_ORT_TO_KSERVE[s.datatype], shape=_shape(s.shape)
-                )
-                for s in specs
-            ]
-
+        tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=model.name,
             versions=[str(v) for v in self.core.versions[model.name]],
             platform=PLATFORM,
-            inputs=tensors(model.loaded.inputs),
-            outputs=tensors(model.loaded.outputs),
+            inputs=[tensor(name=n, datatype=t, shape=shape) for n, t, shape in accepted_inputs(model)],
+            outputs=[
+                tensor(name=s.name, datatype=_ORT_TO_KSERVE[s.datatype], shape=_shape(s.shape))
+                for s in model.loaded.outputs
+            ],
         )
 
     def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.ServicerContext) -> pb.ModelConfigResponse:
@@ -116,9 +124,9 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
             platform=PLATFORM,
             backend="onnxruntime",
             max_batch_size=batcher.max_batch_size,
-            input=[
-                pb.ModelInput(name=s.name, data_type=_KSERVE_TO_CONFIG[_ORT_TO_KSERVE[s.datatype]], dims=dims(s.shape))
-                for s in model.loaded.inputs
+            input=[  # optional: a request supplies one of them
+                pb.ModelInput(name=n, data_type=_KSERVE_TO_CONFIG[t], dims=shape[1:], optional=True)
+                for n, t, shape in accepted_inputs(model)
             ],
             output=[
                 pb.ModelOutput(
@@ -130,6 +138,8 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
                 for s in model.loaded.outputs
             ],
             dynamic_batching=pb.ModelDynamicBatching(max_queue_delay_microseconds=batcher.max_queue_delay_us),
+            # The request parameter `draws` (RT draws averaged per image) is bounded: clients check up front.
+            parameters={"max_draws": pb.ModelParameter(string_value=str(self.core.config.max_draws))},
         )
         return pb.ModelConfigResponse(config=config)
 
@@ -199,10 +209,12 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         """validate -> decode -> core -> encode, for one request of either RPC."""
         model = self.core.model(request.model_name, request.model_version)
-        images = self._images(request, model)
-        draws = _parameter(request.parameters, "draws", 1)
-        probabilities = self.core.classify(model, images, draws, time_left(context), token)
-        return self._response(request, model, probabilities)
+        with self.core.failures_counted(model):
+            outputs = self._outputs(request, model)  # checked before the model runs
+            images = self._images(request, model)
+            draws = _parameter(request.parameters, "draws", 1)
+            probabilities = self.core.classify(model, images, draws, time_left(context), token)
+        return self._response(request, model, outputs, probabilities)
 
     def _images(self, request: pb.ModelInferRequest, model: ServedModel) -> np.ndarray:
         if len(request.inputs) != 1:
@@ -210,8 +222,9 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
                 f"model {model.name} takes exactly one input ({model.input_name}), got {len(request.inputs)}"
             )
         tensor = request.inputs[0]
-        if tensor.name != model.input_name:
-            raise InvalidInput(f"model {model.name} has the input {model.input_name!r}, not {tensor.name!r}")
+        names = [name for name, _, _ in accepted_inputs(model)]
+        if tensor.name not in names:
+            raise InvalidInput(f"model {model.name} takes one of the inputs {names}, not {tensor.name!r}")
         shape = tuple(tensor.shape)
         if not shape or any(d <= 0 for d in shape):
             raise InvalidInput(f"input shape {list(shape)} must have only positive dimensions")
@@ -250,24 +263,33 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidInput("an input has both contents and raw_input_contents")
         return request.raw_input_contents[0]
 
-    def _response(
-        self, request: pb.ModelInferRequest, model: ServedModel, probabilities: np.ndarray
-    ) -> pb.ModelInferResponse:
-        response = pb.ModelInferResponse(
-            model_name=model.name, model_version=str(model.loaded.version), id=request_id(request.id)
-        )
+    @staticmethod
+    def _outputs(request: pb.ModelInferRequest, model: ServedModel) -> list[tuple[str, int]]:
+        """(name, k) of each requested output; k > 0: the classification extension's top k, 0: probabilities."""
         requested = list(request.outputs) or [pb.ModelInferRequest.InferRequestedOutputTensor(name=model.output_name)]
+        outputs = []
         for output in requested:
             if output.name != model.output_name:
                 raise InvalidInput(f"model {model.name} has the output {model.output_name!r}, not {output.name!r}")
             k = _parameter(output.parameters, "classification", 0) or _parameter(output.parameters, "class_count", 0)
+            if k and not 1 <= k <= model.num_classes:
+                raise InvalidInput(f"class_count must be between 1 and {model.num_classes}, got {k}")
+            outputs.append((output.name, k))
+        return outputs
+
+    @staticmethod
+    def _response(
+        request: pb.ModelInferRequest, model: ServedModel, outputs: list[tuple[str, int]], probabilities: np.ndarray
+    ) -> pb.ModelInferResponse:
+        response = pb.ModelInferResponse(
+            model_name=model.name, model_version=str(model.loaded.version), id=request_id(request.id)
+        )
+        for name, k in outputs:
             if k:
-                if not 1 <= k <= model.num_classes:
-                    raise InvalidInput(f"class_count must be between 1 and {model.num_classes}, got {k}")
                 strings = _classification_strings(probabilities, k, model.loaded.labels)
-                response.outputs.add(name=output.name, datatype="BYTES", shape=[len(probabilities), k])
+                response.outputs.add(name=name, datatype="BYTES", shape=[len(probabilities), k])
                 response.raw_output_contents.append(join_bytes_tensor(strings))
             else:
-                response.outputs.add(name=output.name, datatype="FP32", shape=list(probabilities.shape))
+                response.outputs.add(name=name, datatype="FP32", shape=list(probabilities.shape))
                 response.raw_output_contents.append(probabilities.astype("<f4").tobytes())
         return response

@@ -59,12 +59,48 @@ def test_health_metadata_and_config(client):
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny")
     assert "classification" in client.get_server_metadata().extensions
     metadata = client.get_model_metadata("tiny", as_json=True)
-    assert metadata["inputs"][0] == {"name": "IMAGE", "datatype": "FP32", "shape": ["-1", "3", "32", "32"]}
+    assert metadata["inputs"] == [
+        {"name": "IMAGE", "datatype": "FP32", "shape": ["-1", "3", "32", "32"]},
+        {"name": "IMAGE_BYTES", "datatype": "BYTES", "shape": ["-1", "1"]},
+        {"name": "IMAGE_UINT8", "datatype": "UINT8", "shape": ["-1", "32", "32", "3"]},
+    ]
     assert metadata["outputs"][0]["shape"] == ["-1", "10"]
     config = client.get_model_config("tiny_uint8", as_json=True)["config"]
-    assert config["input"][0]["data_type"] == "TYPE_UINT8" and config["max_batch_size"] == 32
+    assert [(i["name"], i["data_type"], i["optional"]) for i in config["input"]] == [
+        ("IMAGE", "TYPE_UINT8", True),
+        ("IMAGE_BYTES", "TYPE_STRING", True),
+    ]
+    assert config["max_batch_size"] == 32 and config["parameters"]["max_draws"]["string_value"] == "8"
     index = client.get_model_repository_index(as_json=True)["models"]
     assert {m["name"] for m in index} == {"tiny", "tiny_uint8"} and {m["state"] for m in index} == {"READY"}
+
+
+def test_a_client_finds_the_encoded_image_input_from_model_metadata_alone(client):
+    metadata = client.get_model_metadata("tiny", as_json=True)
+    name = next(i["name"] for i in metadata["inputs"] if i["datatype"] == "BYTES")
+    tensor = triton.InferInput(name, [2, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([jpeg(7), jpeg(8)], dtype=object).reshape(-1, 1))
+    assert client.infer("tiny", [tensor]).as_numpy("PROBABILITIES").shape == (2, 10)
+
+
+def test_failed_requests_are_counted_and_large_requests_split(client):
+    def stats():
+        return client.get_inference_statistics("tiny", as_json=True)["model_stats"][0]
+
+    before = stats()
+    with pytest.raises(InferenceServerException, match="not in a known image format"):
+        client.infer("tiny", [bytes_input([b"junk"])])
+    with pytest.raises(InferenceServerException, match="draws must be between"):
+        client.infer("tiny", [bytes_input([jpeg(0)])], parameters={"draws": 99})
+    after = stats()
+    failed = int(after["inference_stats"]["fail"].get("count", 0)) - int(
+        before["inference_stats"]["fail"].get("count", 0)
+    )
+    assert failed == 2
+    # 40 images over max_batch_size 32 (ModelConfig): split into executions of at most 32, not refused.
+    images = np.random.default_rng(9).random((40, 3, 32, 32), dtype=np.float32)
+    assert client.infer("tiny", [array_input(images, "FP32")]).as_numpy("PROBABILITIES").shape == (40, 10)
+    assert max(int(b["batch_size"]) for b in stats()["batch_stats"]) <= 32
 
 
 def test_encoded_jpeg_batch_with_classification_extension(client):
@@ -130,7 +166,9 @@ def test_bad_inputs_are_invalid_argument_and_the_server_goes_on(client, build, m
 def test_wrong_names_and_unknown_models(client):
     wrong = triton.InferInput("PIXELS", [1, 1], "BYTES")
     wrong.set_data_from_numpy(np.array([jpeg(0)], dtype=object).reshape(1, 1))
-    with pytest.raises(InferenceServerException, match="has the input 'IMAGE', not 'PIXELS'"):
+    with pytest.raises(
+        InferenceServerException, match=r"one of the inputs \['IMAGE', 'IMAGE_BYTES', 'IMAGE_UINT8'\], not 'PIXELS'"
+    ):
         client.infer("tiny", [wrong])
     with pytest.raises(InferenceServerException, match="unknown model 'absent'") as error:
         client.infer("absent", [bytes_input([jpeg(0)])])
