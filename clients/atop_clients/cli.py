@@ -1,85 +1,58 @@
 """atop-classify: classify many images through a KServe v2 gRPC server (atop-serve, or any server with a
 compatible model), with batching, concurrency, retries, resumable output and a summary.
 
-  atop-classify ../shared/datasets/cifar10-jpg.tar.gz --server localhost:8001 --format csv -o out.csv
-  atop-classify photos/ 'more/**/*.png' @list.txt --top-k 3 --format table
-Exit code 0 when every input was classified, 1 when any failed (the failures are listed), 2 on bad usage.
+  atop-classify ../shared/datasets/cifar10-jpg.tar.gz --server localhost:8001 -o out.csv
+  atop-classify photos/ 'more/**/*.png' @list.txt --top-k 3
+  atop-classify ../shared/datasets/cifar10-jpg.tar.gz -o out.csv --resume    # after an interruption
+
+The last line on stderr is a JSON summary of the whole output file. Exit code 0 when every input was
+classified, 1 when any failed (the failures are listed), 2 on bad usage (checked before any image is sent),
+130 on Ctrl-C (the rows so far are kept: rerun with --resume).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
+import contextlib
+import dataclasses
 import json
 import os
+import shlex
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import NoReturn
 
 import grpc
 from tqdm import tqdm
 
 from atop_clients.client import AtopClient, ClientConfig
 from atop_clients.inputs import Item, expand
-from atop_clients.protocol import ImageError, Prediction
+from atop_clients.output import FORMATS, OutputError, Previous, Tally, Writer, format_for, read_previous
+from atop_clients.protocol import ImageError, ModelInput, Prediction
 
 Result = tuple[Item, list[Prediction] | None, str]  # (item, predictions or None, error)
+INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
 
 
-def done_keys(path: Path, fmt: str) -> set[str]:
-    """Inputs already in an output file (for --resume): classified ones only, so failures are retried."""
-    if not path.exists():
-        return set()
-    text = path.read_text()
-    if fmt == "jsonl":
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    elif fmt == "csv":
-        rows = list(csv.DictReader(io.StringIO(text)))
-    else:
-        raise SystemExit("--resume needs --format csv or jsonl")
-    return {row["path"] for row in rows if not row.get("error")}
+class UsageError(ValueError):
+    """Options the server cannot serve (an unknown model, --top-k or --draws over its limits): exit code 2."""
 
 
-class Writer:
-    def __init__(self, out: TextIO, fmt: str, top_k: int, header: bool) -> None:
-        self.out, self.fmt, self.top_k = out, fmt, top_k
-        columns = ["path"] + [f"{kind}{i + 1}" for i in range(top_k) for kind in ("label", "score")]
-        self.columns = [*columns, "true_label", "correct", "error"]
-        self.csv = csv.DictWriter(out, self.columns) if fmt == "csv" else None
-        if self.csv and header:
-            self.csv.writeheader()
-        if fmt == "table" and header:
-            out.write(f"{'path':<48} {'prediction':<14} {'score':>6}  {'true':<12}\n")
-
-    def write(self, item: Item, predictions: list[Prediction] | None, error: str) -> None:
-        correct = None if predictions is None or item.label is None else predictions[0].label == item.label
-        if self.fmt == "jsonl":
-            record = {
-                "path": item.key,
-                "true_label": item.label,
-                "correct": correct,
-                "error": error or None,
-                "predictions": [vars(p) for p in predictions or []],
-            }
-            self.out.write(json.dumps(record) + "\n")
-        elif self.csv:
-            row = {
-                "path": item.key,
-                "true_label": item.label or "",
-                "error": error,
-                "correct": "" if correct is None else int(correct),
-            }
-            for i, p in enumerate(predictions or []):
-                row[f"label{i + 1}"], row[f"score{i + 1}"] = p.label, f"{p.score:.6f}"
-            self.csv.writerow(row)
-        else:
-            best = predictions[0] if predictions else None
-            shown = f"{best.label:<14} {best.score:6.3f}" if best else f"{'ERROR':<14} {'':>6}"
-            self.out.write(f"{item.key[-48:]:<48} {shown}  {item.label or '':<12}{error}\n")
-        self.out.flush()
+@dataclass(frozen=True)
+class ClassifyConfig:
+    server: str
+    model: str | None  # None: the server's only model
+    top_k: int
+    draws: int
+    batch_size: int
+    concurrency: int
+    output: Path | None
+    format: str
+    resume: bool
+    client: ClientConfig
 
 
 def classify_batch(client: AtopClient, batch: list[Item], model: str, top_k: int, draws: int = 1) -> list[Result]:
@@ -100,82 +73,209 @@ def classify_batch(client: AtopClient, batch: list[Item], model: str, top_k: int
         return [(item, None, message) for item in batch]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="atop-classify", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("inputs", nargs="+", help="files, folders, globs, .tar/.tar.gz, @list.txt")
-    parser.add_argument("--server", default="localhost:8001", help="gRPC address")
-    parser.add_argument("--model", default="atop_cifar10")
-    parser.add_argument("--top-k", type=int, default=1)
-    parser.add_argument(
-        "--draws", type=int, default=1, help="RT draws averaged per image (atop-serve's `draws`; costs K passes)"
-    )
-    parser.add_argument("--batch-size", type=int, default=32, help="images per request")
-    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
-    parser.add_argument("--timeout", type=float, default=60.0, help="deadline per request attempt, seconds")
-    parser.add_argument("--retries", type=int, default=5, help="on UNAVAILABLE / RESOURCE_EXHAUSTED, with backoff")
-    parser.add_argument("--format", choices=["csv", "jsonl", "table"], default="table")
-    parser.add_argument("-o", "--output", type=Path, help="output file (default: stdout)")
-    parser.add_argument("--resume", action="store_true", help="skip inputs already classified in --output")
-    parser.add_argument("--tls", action="store_true", help="TLS with the system's roots (or --ca-cert)")
-    parser.add_argument("--ca-cert", type=Path, help="PEM root certificates for TLS")
-    parser.add_argument("--token", default="", help="bearer token (or env ATOP_TOKEN)")
-    args = parser.parse_args(argv)
-    if args.resume and not args.output:
-        parser.error("--resume needs --output")
-    token = args.token or os.environ.get("ATOP_TOKEN", "")
-    config = ClientConfig(
-        timeout=args.timeout,
-        retries=args.retries,
-        tls=args.tls or bool(args.ca_cert),
-        root_certificates=args.ca_cert.read_bytes() if args.ca_cert else None,
-        token=token,
-    )
+def check_model(client: AtopClient, config: ClassifyConfig) -> ModelInput:
+    """The model to use, with --top-k and --draws checked against the server's limits once, before any image."""
+    served = client.models()
+    if config.model is None and len(served) != 1:
+        raise UsageError(f"{config.server} serves {len(served)} models ({', '.join(served)}): choose one with --model")
+    model = config.model or served[0]
+    if model not in served:
+        raise UsageError(f"{config.server} serves no model {model!r}; it serves: {', '.join(served)}")
     try:
-        items = list(expand(args.inputs))
-    except FileNotFoundError as error:
-        parser.error(str(error))
-    skip = done_keys(args.output, args.format) if args.resume else set()
-    todo = [item for item in items if item.key not in skip]
-    batches = [todo[i : i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
+        spec = client.model_input(model)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if spec.classes and config.top_k > spec.classes:
+        raise UsageError(f"--top-k {config.top_k}: model {model} has {spec.classes} classes")
+    max_draws = client.max_draws(model)
+    if max_draws is not None and config.draws > max_draws:
+        raise UsageError(f"--draws {config.draws}: {config.server} allows at most {max_draws} (atop-serve --max-draws)")
+    return spec
 
-    out = open(args.output, "a" if args.resume else "w", newline="") if args.output else sys.stdout  # noqa: SIM115
-    writer = Writer(out, args.format, args.top_k, header=not (args.resume and skip))
-    failures: list[Result] = []
-    correct = labelled = 0
-    started = time.monotonic()
-    with (
-        AtopClient(args.server, config) as client,
-        ThreadPoolExecutor(args.concurrency) as pool,
-        tqdm(total=len(todo), unit="img", file=sys.stderr, disable=not todo) as bar,
-    ):
-        for results in pool.map(lambda b: classify_batch(client, b, args.model, args.top_k, args.draws), batches):
-            for item, predictions, error in results:
-                writer.write(item, predictions, error)
-                if predictions is None:
-                    failures.append((item, predictions, error))
-                elif item.label is not None:
-                    labelled += 1
-                    correct += predictions[0].label == item.label
-            bar.update(len(results))
-    if out is not sys.stdout:
-        out.close()
-    seconds = time.monotonic() - started
+
+def resume_file(config: ClassifyConfig) -> Previous:
+    """--resume: the output's classified rows, rewritten without its failures (they are retried now, and
+    would otherwise be listed twice); without --resume the output starts empty."""
+    if not (config.resume and config.output):
+        return Previous()
+    previous = read_previous(config.output, config.format, config.top_k)
+    partial = config.output.with_name(config.output.name + ".partial")
+    with open(partial, "w", newline="") as out:
+        writer = Writer(out, config.format, config.top_k, header=True)
+        for row in previous.rows:
+            writer.write_row(row)
+    partial.replace(config.output)  # at once: an interruption leaves the old file or the new one
+    return previous
+
+
+def run(config: ClassifyConfig, items: list[Item], previous: Previous, tally: Tally, failures: list[Result]) -> None:
+    """Classify what the output does not hold yet, adding each row to `tally` (and each failure to `failures`)."""
+    todo = [item for item in items if item.key not in previous.keys]
+    batches = [todo[i : i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
+    appending = config.resume and config.output is not None  # resume_file wrote the header and earlier rows
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(ThreadPoolExecutor(config.concurrency))
+        client = stack.enter_context(AtopClient(config.server, config.client))
+        spec = check_model(client, config)  # before the output is opened: a refused run leaves it untouched
+        out = (
+            stack.enter_context(open(config.output, "a" if appending else "w", newline=""))
+            if config.output
+            else sys.stdout
+        )
+        writer = Writer(out, config.format, config.top_k, header=not appending)
+        bar = stack.enter_context(tqdm(total=len(todo), unit="img", file=sys.stderr, disable=not todo))
+        try:
+            for results in pool.map(
+                lambda b: classify_batch(client, b, spec.model, config.top_k, config.draws), batches
+            ):
+                for item, predictions, error in results:
+                    writer.write(item, predictions, error)
+                    correct = predictions is not None and predictions[0].label == item.label
+                    tally.add(predictions is not None, item.label, correct)
+                    if predictions is None:
+                        failures.append((item, predictions, error))
+                bar.update(len(results))
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            client.close()  # ends the requests in flight, so that their threads stop at once
+            raise
+
+
+def summarize(items: list[Item], previous: Previous, tally: Tally, failures: list[Result], seconds: float) -> None:
+    """One JSON line on stderr about the whole output (earlier runs' rows included), then each failure."""
+    classified_now = tally.classified - previous.tally.classified
     summary = {
         "inputs": len(items),
-        "skipped": len(items) - len(todo),
-        "classified": len(todo) - len(failures),
-        "failed": len(failures),
-        "accuracy": correct / labelled if labelled else None,
-        "labelled": labelled,
+        "skipped": sum(item.key in previous.keys for item in items),
+        "classified": tally.classified,
+        "failed": tally.failed,
+        "accuracy": tally.correct / tally.labelled if tally.labelled else None,
+        "labelled": tally.labelled,
         "seconds": round(seconds, 2),
-        "images_per_second": round((len(todo) - len(failures)) / seconds, 1) if seconds else None,
+        "images_per_second": round(classified_now / seconds, 1) if seconds else None,
     }
     print(json.dumps(summary), file=sys.stderr)
     for item, _, error in failures:
         print(f"FAILED {item.key}: {error}", file=sys.stderr)
-    sys.exit(1 if failures else 0)
+
+
+def positive(kind: type) -> object:
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its message
+    return parse
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """Usage errors as one line (argparse prints the whole usage first, which buries the message)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help: every option)\n")
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, ClassifyConfig, list[str]]:
+    parser = OneLineErrors(
+        prog="atop-classify", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("inputs", nargs="+", help="files, folders, globs, .tar/.tar.gz, @list.txt")
+    parser.add_argument("--server", default="localhost:8001", help="gRPC address (default: %(default)s)")
+    parser.add_argument("--model", help="model to use (default: the server's only model; RepositoryIndex)")
+    parser.add_argument("--top-k", type=positive(int), default=1, help="labels per image (default: %(default)s)")
+    parser.add_argument(
+        "--draws",
+        type=positive(int),
+        default=1,
+        help="RT draws averaged per image (atop-serve's `draws`; costs K passes; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size", type=positive(int), default=32, help="images per request (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--concurrency", type=positive(int), default=4, help="requests in flight (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--timeout", type=positive(float), default=60.0, help="deadline per request attempt, s (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=5,
+        help="extra attempts on UNAVAILABLE / RESOURCE_EXHAUSTED, with backoff (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--format", choices=FORMATS, help="output format (default: from -o's extension, .csv or .jsonl; else table)"
+    )
+    parser.add_argument("-o", "--output", type=Path, help="output file (default: stdout)")
+    parser.add_argument(
+        "--resume", action="store_true", help="skip inputs already classified in --output; retry its failures"
+    )
+    parser.add_argument("--tls", action="store_true", help="TLS with the system's roots (or --ca-cert)")
+    parser.add_argument("--ca-cert", type=Path, help="PEM root certificates for TLS (default: the system's)")
+    parser.add_argument("--token", default="", help="bearer token (default: env ATOP_TOKEN, else none)")
+    args = parser.parse_args(argv)
+    if args.resume and not args.output:
+        parser.error("--resume needs --output")
+    if args.retries < 0:
+        parser.error(f"argument --retries: must be 0 or more, got {args.retries}")
+    try:
+        root_certificates = args.ca_cert.read_bytes() if args.ca_cert else None
+    except OSError as error:
+        parser.error(f"argument --ca-cert: {error}")
+    client = ClientConfig(
+        timeout=args.timeout,
+        retries=args.retries,
+        tls=args.tls or bool(args.ca_cert),
+        root_certificates=root_certificates,
+        token=args.token or os.environ.get("ATOP_TOKEN", ""),
+    )
+    config = ClassifyConfig(
+        server=args.server,
+        model=args.model,
+        top_k=args.top_k,
+        draws=args.draws,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        output=args.output,
+        format=format_for(args.output, args.format),
+        resume=args.resume,
+        client=client,
+    )
+    return parser, config, args.inputs
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser, config, sources = parse_args(argv)
+    try:
+        items = list(expand(sources))
+        previous = resume_file(config)
+    except (FileNotFoundError, OutputError) as error:
+        parser.error(str(error))
+    tally, failures = dataclasses.replace(previous.tally), []
+    started = time.monotonic()
+    code = 0
+    try:
+        run(config, items, previous, tally, failures)
+    except UsageError as error:
+        parser.error(str(error))
+    except grpc.RpcError as error:  # the up-front checks found no server (every retry spent)
+        parser.exit(1, f"atop-classify: error: {config.server}: {error.code().name}: {error.details()}\n")
+    except KeyboardInterrupt:
+        code = INTERRUPTED
+    summarize(items, previous, tally, failures, time.monotonic() - started)
+    if code == INTERRUPTED:
+        print(f"interrupted: {how_to_resume(config, argv)}", file=sys.stderr)
+    sys.exit(code or (1 if failures else 0))
+
+
+def how_to_resume(config: ClassifyConfig, argv: list[str] | None) -> str:
+    if not config.output:
+        return "the rows so far went to stdout; with -o FILE a rerun with --resume continues where one stopped"
+    command = shlex.join(["atop-classify", *(sys.argv[1:] if argv is None else argv)])
+    return f"the rows so far are in {config.output}; to continue: {command}{'' if config.resume else ' --resume'}"
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from atop_clients.protocol import ModelInput, Prediction, infer_request, parse_r
 from atop_proto import grpc_service_pb2 as pb
 from atop_proto import grpc_service_pb2_grpc as pb_grpc
 
-ATOP_SERVER = "atop-serve"  # its ServerMetadata name: it decodes images itself, for every model
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 T = TypeVar("T")
 
@@ -99,9 +98,17 @@ class AtopClient:
     def model_input(self, model: str) -> ModelInput:
         if model not in self._inputs:
             metadata = self._call(self.stub.ModelMetadata, pb.ModelMetadataRequest(name=model))
-            server = self._call(self.stub.ServerMetadata, pb.ServerMetadataRequest())
-            self._inputs[model] = ModelInput.from_metadata(metadata, server.name == ATOP_SERVER)
+            self._inputs[model] = ModelInput.from_metadata(metadata)
         return self._inputs[model]
+
+    def models(self) -> list[str]:
+        """The models the server holds (RepositoryIndex)."""
+        return [m.name for m in self._call(self.stub.RepositoryIndex, pb.RepositoryIndexRequest()).models]
+
+    def max_draws(self, model: str) -> int | None:
+        """atop-serve's bound on the `draws` parameter (a ModelConfig parameter); None where not declared."""
+        config = self._call(self.stub.ModelConfig, pb.ModelConfigRequest(name=model)).config
+        return int(config.parameters["max_draws"].string_value) if "max_draws" in config.parameters else None
 
     def classify(
         self, images: list[bytes], model: str = "atop_cifar10", top_k: int = 1, request_id: str = "", draws: int = 1
@@ -151,8 +158,7 @@ class AsyncAtopClient:
     async def model_input(self, model: str) -> ModelInput:
         if model not in self._inputs:
             metadata = await self._call(self.stub.ModelMetadata, pb.ModelMetadataRequest(name=model))
-            server = await self._call(self.stub.ServerMetadata, pb.ServerMetadataRequest())
-            self._inputs[model] = ModelInput.from_metadata(metadata, server.name == ATOP_SERVER)
+            self._inputs[model] = ModelInput.from_metadata(metadata)
         return self._inputs[model]
 
     async def classify(

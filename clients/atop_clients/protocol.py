@@ -1,9 +1,9 @@
 """KServe v2 requests and responses for image classification, shared by the sync and asyncio clients.
 
-The client adapts to the server and model: atop-serve (ServerMetadata name) takes encoded images for every
-model, so they are sent as they are (BYTES: ~12x less traffic than FP32 pixels at 32 px); elsewhere the
-model's declared input decides: BYTES as they are, UINT8 [-1,H,W,3] or FP32 [-1,3,H,W] decoded and resized
-here. So any KServe v2 server serving a compatible model (stock Triton with our ONNX repository, say) works.
+The model's declared inputs decide what is sent: encoded images as they are when it takes BYTES (atop-serve
+advertises a BYTES input for every model: ~12x less traffic than FP32 pixels at 32 px), else UINT8
+[-1,H,W,3] or FP32 [-1,3,H,W] decoded and resized here. So any KServe v2 server serving a compatible model
+(stock Triton with our ONNX repository, say) works.
 """
 
 from __future__ import annotations
@@ -33,23 +33,30 @@ class ModelInput:
     height: int = 0
     width: int = 0
     output: str = ""
+    classes: int = 0  # the output's width (0: not declared): the largest top-k
 
     @classmethod
-    def from_metadata(cls, metadata: pb.ModelMetadataResponse, server_decodes: bool) -> ModelInput:
-        """server_decodes: the server takes encoded images (BYTES) for any model (atop-serve does)."""
-        if len(metadata.inputs) != 1 or not metadata.outputs:
-            raise ValueError(f"model {metadata.name} is not an image classifier (one input, one output)")
-        tensor = metadata.inputs[0]
-        if server_decodes:
-            return cls(metadata.name, tensor.name, "BYTES", output=metadata.outputs[0].name)
-        shape = list(tensor.shape)
-        if tensor.datatype == "UINT8" and len(shape) == 4 and shape[3] == 3:
-            return cls(metadata.name, tensor.name, "UINT8", int(shape[1]), int(shape[2]), metadata.outputs[0].name)
-        if tensor.datatype == "FP32" and len(shape) == 4 and shape[1] == 3:
-            return cls(metadata.name, tensor.name, "FP32", int(shape[2]), int(shape[3]), metadata.outputs[0].name)
-        if tensor.datatype == "BYTES":
-            return cls(metadata.name, tensor.name, "BYTES", output=metadata.outputs[0].name)
-        raise ValueError(f"model {metadata.name}'s input {tensor.datatype} {shape} is not an image input")
+    def from_metadata(cls, metadata: pb.ModelMetadataResponse) -> ModelInput:
+        """The cheapest input the model declares (a request supplies one): encoded images, else UINT8 pixels,
+        else FP32 pixels."""
+        if not metadata.inputs or not metadata.outputs:
+            raise ValueError(f"model {metadata.name} is not an image classifier (image inputs, an output)")
+        output = metadata.outputs[0]
+        classes = max(int(output.shape[-1]), 0) if output.shape else 0  # -1: a dynamic width, not declared
+        common = {"model": metadata.name, "output": output.name, "classes": classes}
+        candidates = []
+        for tensor in metadata.inputs:
+            shape = [int(d) for d in tensor.shape]
+            if tensor.datatype == "BYTES":
+                candidates.append(cls(name=tensor.name, datatype="BYTES", **common))
+            elif tensor.datatype == "UINT8" and len(shape) == 4 and shape[3] == 3:
+                candidates.append(cls(name=tensor.name, datatype="UINT8", height=shape[1], width=shape[2], **common))
+            elif tensor.datatype == "FP32" and len(shape) == 4 and shape[1] == 3:
+                candidates.append(cls(name=tensor.name, datatype="FP32", height=shape[2], width=shape[3], **common))
+        if not candidates:
+            declared = ", ".join(f"{t.name} {t.datatype} {list(t.shape)}" for t in metadata.inputs)
+            raise ValueError(f"model {metadata.name} takes no image input ({declared})")
+        return min(candidates, key=lambda c: ["BYTES", "UINT8", "FP32"].index(c.datatype))
 
 
 class ImageError(ValueError):

@@ -1,10 +1,17 @@
 """atop-classify and the Python clients against a real in-process atop-serve on an ephemeral port."""
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
+import signal
+import subprocess
+import sys
 import tarfile
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -14,8 +21,9 @@ from atop_clients import AsyncAtopClient, AtopClient, ClientConfig
 from atop_clients.cli import main as classify
 from atop_proto import grpc_service_pb2_grpc
 from atop_server.app import Server, ServerConfig
-from atop_server.core import CoreConfig
+from atop_server.core import CoreConfig, InferenceCore
 from atop_server.kserve import KServeService
+from atop_server.metrics import Metrics
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +32,16 @@ def server(tiny_repository):
         ServerConfig(
             core=CoreConfig(tiny_repository, models=("tiny", "tiny_uint8")), port=0, metrics_port=-1, grace_seconds=5
         )
+    )
+    running.start()
+    yield f"127.0.0.1:{running.port}"
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def one_model_server(tiny_repository):
+    running = Server(
+        ServerConfig(core=CoreConfig(tiny_repository, models=("tiny",)), port=0, metrics_port=-1, grace_seconds=5)
     )
     running.start()
     yield f"127.0.0.1:{running.port}"
@@ -41,6 +59,17 @@ def run(capsys, *args) -> tuple[int, str, str]:
         classify([str(a) for a in args])
     out, err = capsys.readouterr()
     return exit_info.value.code, out, err
+
+
+def summary_of(err: str) -> dict:
+    return json.loads([line for line in err.splitlines() if line.startswith("{")][-1])
+
+
+def one_error_line(err: str) -> str:
+    """A usage error: one line on stderr, no summary, no per-image failures."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("atop-classify: error: "), err
+    return lines[0]
 
 
 def test_folder_to_csv_with_labels_and_summary(server, images, tmp_path, capsys):
@@ -76,18 +105,61 @@ def test_tar_input_jsonl_and_resume(server, images, tmp_path, capsys):
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(images, arcname="test")
     out = tmp_path / "out.jsonl"
-    code, _, _ = run(capsys, archive, "--server", server, "--model", "tiny_uint8", "--format", "jsonl", "-o", out)
+    code, _, _ = run(capsys, archive, "--server", server, "--model", "tiny_uint8", "-o", out)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert code == 0 and len(records) == 100 and records[0]["path"].startswith(f"{archive}!test/")
     assert records[0]["true_label"] in {p.name for p in images.iterdir()} and records[0]["predictions"][0]["label"]
+    right = sum(r["correct"] for r in records[40:])
 
     out.write_text("\n".join(out.read_text().splitlines()[:40]) + "\n")  # as if interrupted after 40
-    code, _, err = run(
-        capsys, archive, "--server", server, "--model", "tiny", "--format", "jsonl", "-o", out, "--resume"
-    )
-    summary = json.loads(err.strip().splitlines()[-1])
-    assert code == 0 and summary["skipped"] == 40 and summary["classified"] == 60
+    code, _, err = run(capsys, archive, "--server", server, "--model", "tiny", "-o", out, "--resume")
+    summary = summary_of(err)
+    assert code == 0 and summary["skipped"] == 40 and summary["classified"] == 100  # the whole file
     assert len({json.loads(line)["path"] for line in out.read_text().splitlines()}) == 100
+    assert summary["labelled"] == 100 and summary["accuracy"] != right / 60  # not this run's 60 alone
+
+
+def test_resume_replaces_a_failed_row_instead_of_adding_one(server, images, tmp_path, capsys):
+    folder = tmp_path / "mixed" / "cat"
+    folder.mkdir(parents=True)
+    cats = sorted((images / "cat").iterdir())
+    for source in cats[:4]:
+        (folder / source.name).write_bytes(source.read_bytes())
+    (folder / "late.jpg").write_bytes(b"not yet an image")
+    out = tmp_path / "out.csv"
+    code, _, err = run(capsys, tmp_path / "mixed", "--server", server, "--model", "tiny", "-o", out, "--top-k", "2")
+    assert code == 1 and summary_of(err)["failed"] == 1
+    (folder / "late.jpg").write_bytes(cats[4].read_bytes())  # the file is fixed; the rerun retries it
+    args = ["--server", server, "--model", "tiny", "-o", out, "--top-k", "2", "--resume"]
+    code, _, err = run(capsys, tmp_path / "mixed", *args)
+    rows = list(csv.DictReader(out.open()))
+    assert code == 0 and len(rows) == 5 and len({r["path"] for r in rows}) == 5 and not any(r["error"] for r in rows)
+    summary = summary_of(err)
+    assert summary["skipped"] == 4 and summary["classified"] == 5 and summary["failed"] == 0
+
+
+def test_resume_refuses_another_format_or_top_k_and_leaves_the_file(server, images, tmp_path, capsys):
+    out = tmp_path / "out.csv"
+    assert run(capsys, images / "cat", "--server", server, "--model", "tiny", "-o", out)[0] == 0
+    before = out.read_text()
+    code, _, err = run(
+        capsys, images / "cat", "--server", server, "--model", "tiny", "-o", out, "--resume", "--top-k", "3"
+    )
+    assert code == 2 and "--top-k 3" in one_error_line(err) and out.read_text() == before
+    code, _, err = run(capsys, images / "cat", "--server", server, "-o", out, "--resume", "--format", "jsonl")
+    assert code == 2 and "is not JSON" in one_error_line(err) and out.read_text() == before
+
+
+def test_the_output_format_follows_the_extension_unless_given(server, images, tmp_path, capsys):
+    cats = images / "cat"
+    for name, given, check in (
+        ("out.csv", [], lambda text: text.startswith("path,label1,score1,true_label")),
+        ("out.jsonl", [], lambda text: json.loads(text.splitlines()[0])["predictions"]),
+        ("out.txt", [], lambda text: text.split()[:2] == ["path", "prediction"]),
+        ("other.csv", ["--format", "jsonl"], lambda text: json.loads(text.splitlines()[0])["predictions"]),
+    ):
+        assert run(capsys, cats, "--server", server, "--model", "tiny", "-o", tmp_path / name, *given)[0] == 0
+        assert check((tmp_path / name).read_text()), name
 
 
 def test_a_bad_file_fails_alone_with_exit_code_1(server, images, tmp_path, capsys):
@@ -103,17 +175,57 @@ def test_a_bad_file_fails_alone_with_exit_code_1(server, images, tmp_path, capsy
     assert out.count("\n") == 7  # header + 6 rows: the failure is listed in the output too
 
 
-def test_draws_reach_the_server_and_are_bounded_there(server, images, capsys):
-    cats = images / "cat"
-    code, _, err = run(capsys, cats, "--server", server, "--model", "tiny", "--draws", "4", "--format", "jsonl")
-    assert code == 0 and json.loads(err.strip().splitlines()[-1])["classified"] == 10
-    code, _, err = run(capsys, cats, "--server", server, "--model", "tiny", "--draws", "17", "--format", "jsonl")
-    assert code == 1 and "INVALID_ARGUMENT" in err and "draws" in err
+def test_draws_reach_the_server(server, images, capsys):
+    code, _, err = run(capsys, images / "cat", "--server", server, "--model", "tiny", "--draws", "4")
+    assert code == 0 and summary_of(err)["classified"] == 10
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (["--model", "absent"], "serves no model 'absent'; it serves: tiny, tiny_uint8"),
+        ([], "serves 2 models (tiny, tiny_uint8): choose one with --model"),
+        (["--model", "tiny", "--top-k", "11"], "--top-k 11: model tiny has 10 classes"),
+        (["--model", "tiny", "--draws", "17"], "--draws 17: 127.0.0.1"),
+    ],
+)
+def test_what_the_server_cannot_serve_fails_once_up_front(server, images, tmp_path, capsys, options, message):
+    code, _, err = run(capsys, images / "cat", "--server", server, *options, "-o", tmp_path / "out.csv")
+    assert code == 2 and message in one_error_line(err) and not (tmp_path / "out.csv").exists()
+
+
+def test_without_model_the_servers_only_model_is_used(one_model_server, images, capsys):
+    code, out, _ = run(capsys, images / "cat", "--server", one_model_server, "--format", "csv")
+    assert code == 0 and len(list(csv.DictReader(io.StringIO(out)))) == 10
+
+
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("--batch-size", "0"),
+        ("--concurrency", "0"),
+        ("--top-k", "0"),
+        ("--draws", "0"),
+        ("--timeout", "0"),
+        ("--retries", "-1"),
+    ],
+)
+def test_bad_values_are_one_line_usage_errors(images, capsys, option, value):
+    code, _, err = run(capsys, images / "cat", option, value)
+    assert code == 2 and option in one_error_line(err)
 
 
 def test_usage_errors_exit_2(server, tmp_path, capsys):
     code, _, err = run(capsys, tmp_path / "nothing-here", "--server", server)
-    assert code == 2 and "no such file, folder or glob match" in err
+    assert code == 2 and "no such file, folder or glob match" in one_error_line(err)
+
+
+def test_help_shows_every_default(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for default in ("localhost:8001", "the server's only model", "table", "(default: 32)", "(default: 4)", "60.0"):
+        assert default in out
+    assert "(default: 5)" in out and "(default: 1)" in out  # retries; top-k and draws
 
 
 def test_list_file_and_glob_inputs(server, images, tmp_path, capsys):
@@ -142,32 +254,71 @@ class FlakyService(KServeService):
         self.ModelInfer = flaky
 
 
-def test_client_retries_unavailable_then_succeeds(tiny_repository, cifar_folder):
-    from concurrent.futures import ThreadPoolExecutor
-
-    from atop_server.core import InferenceCore
-    from atop_server.metrics import Metrics
-
-    core = InferenceCore(CoreConfig(tiny_repository, models=("tiny",)))
+@contextlib.contextmanager
+def serving(service_class: type[KServeService], repository: Path) -> Iterator[tuple[str, KServeService]]:
+    """A real gRPC server on a free port running `service_class` over a real core serving the model tiny."""
+    core = InferenceCore(CoreConfig(repository, models=("tiny",)))
     core.start()
-    service = FlakyService(core, Metrics(), 64)
-    server = grpc.server(ThreadPoolExecutor(4))
+    service = service_class(core, Metrics(), 64)
+    server = grpc.server(ThreadPoolExecutor(8))
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
+        yield f"127.0.0.1:{port}", service
+    finally:
+        server.stop(0)
+        core.close()
+
+
+def test_client_retries_unavailable_then_succeeds(tiny_repository, cifar_folder):
+    with serving(FlakyService, tiny_repository) as (address, service):
         image = next((cifar_folder / "test" / "cat").iterdir()).read_bytes()
-        with AtopClient(f"127.0.0.1:{port}", ClientConfig(backoff_base=0.01)) as client:
+        with AtopClient(address, ClientConfig(backoff_base=0.01)) as client:
             assert len(client.classify([image], "tiny", top_k=2)[0]) == 2
         assert service.calls == 3
-        with AtopClient(f"127.0.0.1:{port}", ClientConfig(retries=1, backoff_base=0.01)) as client:
+        with AtopClient(address, ClientConfig(retries=1, backoff_base=0.01)) as client:
             service.calls = 0
             with pytest.raises(grpc.RpcError) as error:
                 client.classify([image], "tiny")
             assert error.value.code() == grpc.StatusCode.UNAVAILABLE and service.calls == 2
-    finally:
-        server.stop(0)
-        core.close()
+
+
+class SlowService(KServeService):
+    """The real KServe service, a quarter of a second slower per inference (a busy server): time to press Ctrl-C."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        real = self.ModelInfer
+
+        def slow(request, context):
+            threading.Event().wait(0.25)
+            return real(request, context)
+
+        self.ModelInfer = slow
+
+
+def test_ctrl_c_stops_cleanly_keeps_the_rows_and_says_how_to_resume(tiny_repository, server, images, tmp_path, capsys):
+    out = tmp_path / "out.csv"
+    with serving(SlowService, tiny_repository) as (address, _):
+        args = [str(images), "--server", address, "--batch-size", "1", "--concurrency", "1", "-o", str(out)]
+        process = subprocess.Popen(
+            [sys.executable, "-m", "atop_clients.cli", *args],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
+        while process.poll() is None and len(out.read_text().splitlines() if out.exists() else []) < 4:
+            threading.Event().wait(0.05)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in err, err
+    assert f"to continue: atop-classify {' '.join(args)} --resume" in err
+    rows = list(csv.DictReader(out.open()))
+    assert 3 <= len(rows) < 100 and all(r["label1"] and r["score1"] for r in rows)  # whole rows only
+    code, _, err = run(capsys, images, "--server", server, "--model", "tiny", "-o", out, "--resume")
+    assert code == 0 and summary_of(err)["skipped"] == len(rows)
+    assert len({r["path"] for r in csv.DictReader(out.open())}) == 100
 
 
 def test_async_client(server, images):
