@@ -142,7 +142,10 @@ def run(config: ClassifyConfig, items: list[Item], previous: Previous, tally: Ta
 
 
 def summarize(items: list[Item], previous: Previous, tally: Tally, failures: list[Result], seconds: float) -> None:
-    """One JSON line on stderr about the whole output (earlier runs' rows included), then each failure."""
+    """Each failure, then one JSON line about the whole output (earlier runs' rows included): always the
+    last line on stderr, for scripts to read."""
+    for item, _, error in failures:
+        print(f"FAILED {item.key}: {error}", file=sys.stderr)
     classified_now = tally.classified - previous.tally.classified
     summary = {
         "inputs": len(items),
@@ -155,8 +158,6 @@ def summarize(items: list[Item], previous: Previous, tally: Tally, failures: lis
         "images_per_second": round(classified_now / seconds, 1) if seconds else None,
     }
     print(json.dumps(summary), file=sys.stderr)
-    for item, _, error in failures:
-        print(f"FAILED {item.key}: {error}", file=sys.stderr)
 
 
 def positive(kind: type) -> object:
@@ -265,9 +266,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(1, f"atop-classify: error: {config.server}: {error.code().name}: {error.details()}\n")
     except KeyboardInterrupt:
         code = INTERRUPTED
-    summarize(items, previous, tally, failures, time.monotonic() - started)
     if code == INTERRUPTED:
         print(f"interrupted: {how_to_resume(config, argv)}", file=sys.stderr)
+    summarize(items, previous, tally, failures, time.monotonic() - started)
     sys.exit(code or (1 if failures else 0))
 
 

@@ -62,7 +62,8 @@ def run(capsys, *args) -> tuple[int, str, str]:
 
 
 def summary_of(err: str) -> dict:
-    return json.loads([line for line in err.splitlines() if line.startswith("{")][-1])
+    """The JSON summary: always the last line on stderr."""
+    return json.loads(err.strip().splitlines()[-1])
 
 
 def one_error_line(err: str) -> str:
@@ -171,7 +172,7 @@ def test_a_bad_file_fails_alone_with_exit_code_1(server, images, tmp_path, capsy
     code, out, err = run(capsys, tmp_path / "mixed", "--server", server, "--model", "tiny", "--format", "table")
     assert code == 1
     assert "FAILED" in err and "broken.jpg" in err and "not in a known image format" in err
-    assert json.loads([line for line in err.splitlines() if line.startswith("{")][-1])["classified"] == 5
+    assert summary_of(err)["classified"] == 5
     assert out.count("\n") == 7  # header + 6 rows: the failure is listed in the output too
 
 
