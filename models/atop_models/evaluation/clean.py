@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(rows[-1]))
     if args.out:
         command = "python -m atop_models.evaluation.clean " + shlex.join(sys.argv[1:] if argv is None else argv)
-        args.out.write_text(json.dumps({"command": command, "data": args.data_source, "rows": rows}, indent=2) + "\n")
+        payload = {"command": command, "data": args.data_source, "checkpoints": defenses.provenance(checkpoints)}
+        args.out.write_text(json.dumps(payload | {"rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
