@@ -219,7 +219,7 @@ def test_clean_accuracy_command_is_seeded_and_matches_the_classifier(trained, tm
     out, classifier, x, y, folder = trained
     args = ["--classifier", str(out / "cls" / "classifier"), "--atop", str(out / "purifier")]
     args += ["--data-source", str(folder), "--data-cache-dir", str(out / "cache")]
-    args += ["--defenses", "undefended", "rt+atop@2"]
+    args += ["--defenses", "undefended", "rt+atop@2", "--agreement"]
     clean_accuracy_main([*args, "--out", str(tmp_path / "a.json")])
     clean_accuracy_main([*args, "--out", str(tmp_path / "b.json")])
     first, second = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
@@ -229,6 +229,7 @@ def test_clean_accuracy_command_is_seeded_and_matches_the_classifier(trained, tm
     assert undefended["n"] == defended["n"] == len(y)
     assert undefended["clean_accuracy"] == pytest.approx(accuracy(classifier, x, y))
     assert defended["ci95"][0] <= defended["clean_accuracy"] <= defended["ci95"][1]
+    assert undefended["top1_agreement"] == 1.0  # deterministic: a second pass answers the same
     assert "atop_models.evaluation.clean" in first["command"]
     sha = json.loads((out / "purifier.json").read_text())["weights_sha256"]
     assert first["checkpoints"]["atop"] == {"path": str(out / "purifier"), "sha256": sha}
