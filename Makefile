@@ -61,6 +61,10 @@ PRETRAIN_EPOCHS ?= 3
 PRETRAIN_MORE_EPOCHS ?= 3
 FINETUNE_EPOCHS ?= 1
 FINETUNE_IMAGES ?= 0
+# The last stage trains the classifier behind RT + the AToP purifier (frozen) on what the pipeline shows it;
+# PIPELINE_ADV=n-fgsm makes it adversarial training through the whole pipeline.
+PIPELINE_EPOCHS ?= 4
+PIPELINE_ADV ?= none
 # Every purifier stage after the first trains from given weights against the recipe's classifier.
 FINETUNE = atop-train finetune --data-source $(DATA) --classifier $(RUNS)/classifier/classifier
 # Continued pretraining for $(1) epochs: the classification term never switches on (warm-up = every epoch), so
@@ -77,13 +81,15 @@ train-default: install
 	$(RUN) $(FINETUNE) --out $(RUNS)/atop --epochs $(FINETUNE_EPOCHS) --data-train-images $(FINETUNE_IMAGES) \
 	    --ce-warmup-epochs 0 --ce-weight 0.5 --lr 1e-4 --attack-steps 3 --attack-step-size 0.0118 \
 	    --purifier $(RUNS)/pretrain-decay/purifier
+	$(RUN) atop-train pipeline --out $(RUNS)/pipeline --data-source $(DATA) --epochs $(PIPELINE_EPOCHS) \
+	    --adv-kind $(PIPELINE_ADV) --classifier $(RUNS)/classifier/classifier --purifier $(RUNS)/atop/purifier
 
 # Copy a finished recipe's checkpoints over the shipped ones (then `make export` to rebuild the repository).
 zoo:
-	cp $(RUNS)/classifier/classifier.safetensors $(RUNS)/classifier/classifier.json $(ZOO)/
+	cp $(RUNS)/pipeline/classifier.safetensors $(RUNS)/pipeline/classifier.json $(ZOO)/
 	cp $(RUNS)/pretrain-decay/purifier.safetensors $(ZOO)/purifier-pretrained.safetensors
 	cp $(RUNS)/pretrain-decay/purifier.json $(ZOO)/purifier-pretrained.json
-	cp $(RUNS)/atop/purifier.safetensors $(RUNS)/atop/purifier.json $(ZOO)/
+	cp $(RUNS)/pipeline/purifier.safetensors $(RUNS)/pipeline/purifier.json $(ZOO)/
 
 # Rebuild the shipped repository from the shipped checkpoints (models/zoo, see its README). One FP32 model:
 # the server feeds it encoded, UINT8 and FP32 inputs alike, and the 30 MB budget for shipped weights holds.
