@@ -62,9 +62,9 @@ PRETRAIN_MORE_EPOCHS ?= 3
 FINETUNE_EPOCHS ?= 1
 FINETUNE_IMAGES ?= 0
 # The last stage trains the classifier behind RT + the AToP purifier (frozen) on what the pipeline shows it;
-# PIPELINE_ADV=n-fgsm makes it adversarial training through the whole pipeline.
+# PIPELINE_ADV=n-fgsm (shipped) makes it adversarial training through the whole pipeline; none only adapts it.
 PIPELINE_EPOCHS ?= 4
-PIPELINE_ADV ?= none
+PIPELINE_ADV ?= n-fgsm
 # Every purifier stage after the first trains from given weights against the recipe's classifier.
 FINETUNE = atop-train finetune --data-source $(DATA) --classifier $(RUNS)/classifier/classifier
 # Continued pretraining for $(1) epochs: the classification term never switches on (warm-up = every epoch), so
