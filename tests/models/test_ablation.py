@@ -28,6 +28,7 @@ def test_ablation_table_and_plot(tmp_path):
                 "results": write(tmp_path / "results.json", results),
                 "defense": "rt+atop",
                 "metrics": "metrics.jsonl",
+                "base_cpu_hours": 1.5,
             },
             {"label": "given", "clean": "clean.json", "results": "results.json", "defense": "rt+atop", "cpu_hours": 2},
         ]
@@ -35,11 +36,11 @@ def test_ablation_table_and_plot(tmp_path):
     spec_path = tmp_path / "spec.json"
     write(spec_path, spec)
     trained, given = load_rows(spec_path)
-    assert (trained["clean"], trained["robust"], trained["cpu_hours"]) == (0.7, 0.4, 0.75)  # pgd-eot, not fgsm
+    assert (trained["clean"], trained["robust"], trained["cpu_hours"]) == (0.7, 0.4, 2.25)  # pgd-eot, not fgsm
     assert given["cpu_hours"] == 2
     main([str(spec_path)])
     table = (tmp_path / "ablation.md").read_text()
-    assert "| trained | 70.0% (69.0-71.0, n=10000) | 40.0% (34.0-46.0, n=256) | 0.75 |" in table
+    assert "| trained | 70.0% (69.0-71.0, n=10000) | 40.0% (34.0-46.0, n=256) | 2.25 |" in table
     assert (tmp_path / "ablation.png").stat().st_size > 10_000
 
     spec["rows"][0]["defense"] = "rt+pretrained"

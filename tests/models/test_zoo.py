@@ -1,6 +1,8 @@
 """The shipped default models (models/zoo, see its README): intact, within the size budget, and as accurate
-as the model card says, on 300 real CIFAR-10 test JPEGs. The floors sit ~2 standard errors of a 300-image
-sample below the 10,000-image figures of the card, so they catch a broken model, not sampling noise."""
+as the model card says, on 300 real CIFAR-10 test JPEGs (the first 30 of each class). The deterministic
+classifier alone must score exactly what it scored when shipped; the randomized pipelines must stay above
+floors set ~2 standard deviations of the RT randomness below their mean on these images, so they catch a
+broken model, not an unlucky draw."""
 
 import json
 from pathlib import Path
@@ -21,9 +23,11 @@ CHECKPOINTS = Checkpoints(
 )
 SIZE_BUDGET_BYTES = 30 * 2**20  # shipped checkpoints + the shipped ONNX repository (developers' guide)
 
-# defense -> minimum accuracy on the 300 images: the mean over RT seeds 0-4 on them (models/zoo/README.md: 91.3,
-# 54.3 and 59.3%) minus ~2 of those seeds' standard deviations (3.1 and 2.7 points for the purified pipelines)
-FLOORS = {"undefended": 0.87, "rt+pretrained": 0.48, "rt+atop": 0.54}
+# The shipped classifier alone: 248 of the 300 images, exactly (no randomness; a changed weight shows).
+UNDEFENDED_CORRECT = 248
+# defense -> minimum accuracy on the 300 images: the mean over RT seeds 0-4 on them (models/zoo/README.md: 67.5%
+# and 69.6%) minus ~2 of those seeds' standard deviations (1.9 and 1.5 points)
+FLOORS = {"rt+pretrained": 0.64, "rt+atop": 0.665}
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +79,13 @@ def test_published_figures_were_measured_on_the_shipped_models():
     for figure in provenance["figures"]:
         recorded = json.loads((REPO / figure).read_text())["checkpoints"]
         assert {role: entry["sha256"] for role, entry in recorded.items()}.items() <= shipped.items(), figure
+
+
+def test_shipped_classifier_alone_scores_exactly_as_shipped(test_images):
+    model, _ = build("undefended", CHECKPOINTS, torch.device("cpu"))
+    with torch.no_grad():
+        correct = accuracy(model, test_images, torch.device("cpu"), 32) * len(test_images)
+    assert round(correct) == UNDEFENDED_CORRECT
 
 
 @pytest.mark.parametrize("defense", sorted(FLOORS))

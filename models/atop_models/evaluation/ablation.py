@@ -4,7 +4,8 @@ training cost, from the files the trainer and the evaluators wrote.
   python -m atop_models.evaluation.ablation docs/robustness/ablation/spec.json
 
 The spec lists rows: {"label", "clean": clean-accuracy JSON, "results": atop-eval results.json, "defense": the
-row of both to take, and either "metrics": the run's metrics.jsonl (training seconds summed) or "cpu_hours"}.
+row of both to take, and either "metrics": the run's metrics.jsonl (training seconds summed, plus "base_cpu_hours"
+for the stages it started from) or "cpu_hours": the whole recipe's}.
 Paths are relative to the spec's folder. Writes ablation.md and ablation.png (robust against clean accuracy,
 95% intervals) beside the spec.
 """
@@ -43,7 +44,10 @@ def load_rows(spec_path: Path) -> list[dict[str, Any]]:
         clean_file, results_file = base / entry["clean"], base / entry["results"]
         clean = _pick(json.loads(clean_file.read_text())["rows"], entry["defense"], clean_file)
         robust = _pick(json.loads(results_file.read_text())["rows"], entry["defense"], results_file)
-        hours = _training_hours(base / entry["metrics"]) if "metrics" in entry else entry["cpu_hours"]
+        if "metrics" in entry:
+            hours = entry.get("base_cpu_hours", 0.0) + _training_hours(base / entry["metrics"])
+        else:
+            hours = entry["cpu_hours"]
         rows.append(
             {
                 "label": entry["label"],
@@ -62,7 +66,7 @@ def load_rows(spec_path: Path) -> list[dict[str, Any]]:
 
 def write_table(rows: list[dict[str, Any]], path: Path) -> None:
     lines = [
-        "| variant | clean (95% CI) | PGD-EOT robust (95% CI) | training, h on 2 cores |",
+        "| variant | clean (95% CI) | PGD-EOT robust (95% CI) | training, h on 2 cores (all stages) |",
         "|---|---|---|---|",
     ]
     for r in rows:
