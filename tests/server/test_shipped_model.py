@@ -6,7 +6,8 @@ import json
 import pytest
 
 from atop_clients.cli import main as classify
-from atop_server.app import DEFAULT_REPOSITORY, Server, ServerConfig
+from atop_server.app import Server, ServerConfig
+from atop_server.cli import DEFAULT_REPOSITORY
 from atop_server.core import CoreConfig
 
 MODEL = "atop_cifar10"
