@@ -53,6 +53,7 @@ class ServerConfig:
     port: int = 8001  # gRPC; 0 picks a free port (logged)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 8002  # Prometheus /metrics over HTTP; 0 picks a free port, -1 disables
+    health_port: int = -1  # grpc.health.v1 alone, plaintext, on host (for probes when port has TLS); -1: none
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC's default 4 MiB is ~4000 CIFAR JPEGs, too few for big images
     max_streams_per_connection: int = 128  # HTTP/2 concurrent streams one connection may open
     grace_seconds: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
@@ -75,6 +76,22 @@ def port_is_free(host: str, port: int) -> bool:
             except OSError:
                 return False
     return True
+
+
+def _listen(
+    server: grpc.aio.Server, what: str, host: str, port: int, credentials: grpc.ServerCredentials | None, flags: str
+) -> int:
+    """Bind a port (0: a free one), or fail with one line naming it and the flags that set it."""
+    address = f"{host}:{port}"
+    if port and not port_is_free(host, port):
+        raise StartupError(f"cannot bind {what} to {address}: the port is in use ({flags})")
+    try:
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0  # grpc.aio raises where grpc returns 0
+    if not bound:
+        raise StartupError(f"cannot bind {what} to {address}: the address is not allowed ({flags})")
+    return bound
 
 
 class Server:
@@ -123,23 +140,22 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{config.host}:{config.port}"
-        if config.port and not port_is_free(config.host, config.port):
-            raise StartupError(f"cannot bind gRPC to {address}: the port is in use (--port, ATOP_PORT)")
-        try:
-            if config.tls is None:
-                port = self.grpc.add_insecure_port(address)
-            else:
-                credentials = grpc.ssl_server_credentials(
-                    [(config.tls.server_key, config.tls.server_cert)],
-                    root_certificates=config.tls.root_cert,
-                    require_client_auth=config.tls.mutual,
-                )
-                port = self.grpc.add_secure_port(address, credentials)
-        except RuntimeError:
-            port = 0  # grpc.aio raises where grpc returns 0
-        if port == 0:
-            raise StartupError(f"cannot bind gRPC to {address}: the port is in use or not allowed (--port, ATOP_PORT)")
+        credentials = None
+        if config.tls is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(config.tls.server_key, config.tls.server_cert)],
+                root_certificates=config.tls.root_cert,
+                require_client_auth=config.tls.mutual,
+            )
+        port = _listen(self.grpc, "gRPC", config.host, config.port, credentials, "--port, ATOP_PORT")
+        # Kubernetes' gRPC probes speak neither TLS nor tokens: health alone, plaintext, on a port of its own.
+        self.health_grpc: grpc.aio.Server | None = None
+        self.health_port = -1
+        if config.health_port >= 0:
+            self.health_grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_grpc)
+            flags = "--health-port, ATOP_HEALTH_PORT"
+            self.health_port = _listen(self.health_grpc, "health", config.host, config.health_port, None, flags)
         return port
 
     def _serve_metrics(self) -> int:
@@ -159,6 +175,8 @@ class Server:
 
     def start(self) -> None:
         self._on_loop(self.grpc.start())  # live at once (ServerLive), ready only after the models are warmed up
+        if self.health_grpc is not None:
+            self._on_loop(self.health_grpc.start())
         self.core.start()
         self.metrics.served.update(self.core.models)
         providers = {name: model.loaded.session.get_providers()[0] for name, model in self.core.models.items()}
@@ -171,6 +189,7 @@ class Server:
                     "grpc": f"{self.config.host}:{self.port}",
                     "grpc_port": self.port,
                     "metrics_port": self.metrics_port,
+                    "health_port": self.health_port,
                     "tls": None if self.config.tls is None else ("mutual" if self.config.tls.mutual else "server"),
                     "auth": "bearer tokens" if self.config.auth.tokens else None,
                     # where to look, for a person reading the first log line of `make serve`
@@ -189,6 +208,8 @@ class Server:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         # After the grace period grpc cancels every RPC still running, streams included: shutdown is bounded.
         await self.grpc.stop(self.config.grace_seconds)
+        if self.health_grpc is not None:
+            await self.health_grpc.stop(0)
 
     def close(self) -> float:
         """Stop serving (gracefully, within the grace period) and the workers; returns how long the RPCs took

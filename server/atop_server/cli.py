@@ -104,6 +104,7 @@ OPTIONS: list[tuple[str, Callable[[str], Any], object, str]] = [
     ("port", PORT, 8001, "gRPC port (0: a free one, logged)"),
     ("metrics_host", nonempty, "127.0.0.1", "Prometheus metrics address"),
     ("metrics_port", integer(-1, 65535), 8002, "Prometheus metrics port (0: a free one; -1: off)"),
+    ("health_port", integer(-1, 65535), -1, "grpc.health.v1 alone, plaintext, for probes (-1: off; 0: a free one)"),
     ("device", choice(DEVICES), "auto", "auto (CUDA when it loads, else CPU), cuda or cpu"),
     ("intra_op_threads", integer(0), 0, "onnxruntime threads per model (0: one per core)"),
     ("decode_workers", integer(1), core.decode_workers, "threads decoding images"),
@@ -219,8 +220,12 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
     args = parser.parse_args(argv)
     if not args.model_repository.is_dir():
         parser.error(f"--model-repository {args.model_repository}: no such folder (ATOP_MODEL_REPOSITORY)")
-    if args.port and args.port == args.metrics_port:
-        parser.error(f"--port and --metrics-port are both {args.port}")
+    ports = {"--port": args.port, "--metrics-port": args.metrics_port, "--health-port": args.health_port}
+    chosen = [(flag, port) for flag, port in ports.items() if port > 0]
+    for i, (flag, port) in enumerate(chosen):
+        for other, same in chosen[i + 1 :]:
+            if port == same:
+                parser.error(f"{flag} and {other} are both {port}")
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(message)s")
     return ServerConfig(
         core=CoreConfig(
@@ -246,6 +251,7 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
         port=args.port,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
+        health_port=args.health_port,
         max_message_bytes=args.max_message_mb * 1024 * 1024,
         max_streams_per_connection=args.max_streams_per_connection,
         grace_seconds=args.grace_seconds,

@@ -41,9 +41,15 @@ def serve(repository, **options) -> Server:
 
 @pytest.fixture(scope="module")
 def tls_server(tiny_repository, ca, server_pem):
-    server = serve(tiny_repository, tls=TlsConfig(server_pem.cert, server_pem.key), auth=AuthConfig(frozenset({TOKEN})))
-    yield f"127.0.0.1:{server.port}"
+    tls, auth = TlsConfig(server_pem.cert, server_pem.key), AuthConfig(frozenset({TOKEN}))
+    server = serve(tiny_repository, tls=tls, auth=auth, health_port=0)
+    yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def tls_address(tls_server):
+    return f"127.0.0.1:{tls_server.port}"
 
 
 def ready(channel: grpc.Channel, token: str = "") -> bool:
@@ -58,18 +64,18 @@ def code_of(call) -> grpc.StatusCode:
     return error.value.code()
 
 
-def test_tls_with_the_right_ca_and_refused_with_a_wrong_one(tls_server, ca):
-    with grpc.secure_channel(tls_server, grpc.ssl_channel_credentials(ca.pem)) as channel:
+def test_tls_with_the_right_ca_and_refused_with_a_wrong_one(tls_address, ca):
+    with grpc.secure_channel(tls_address, grpc.ssl_channel_credentials(ca.pem)) as channel:
         assert ready(channel, TOKEN)
     wrong = Authority("someone else")
-    with grpc.secure_channel(tls_server, grpc.ssl_channel_credentials(wrong.pem)) as channel:
+    with grpc.secure_channel(tls_address, grpc.ssl_channel_credentials(wrong.pem)) as channel:
         assert code_of(lambda: ready(channel, TOKEN)) == grpc.StatusCode.UNAVAILABLE
-    with grpc.insecure_channel(tls_server) as channel:  # plaintext to a TLS port
+    with grpc.insecure_channel(tls_address) as channel:  # plaintext to a TLS port
         assert code_of(lambda: ready(channel, TOKEN)) == grpc.StatusCode.UNAVAILABLE
 
 
-def test_tokens_guard_every_rpc_but_health(tls_server, ca):
-    with grpc.secure_channel(tls_server, grpc.ssl_channel_credentials(ca.pem)) as channel:
+def test_tokens_guard_every_rpc_but_health(tls_address, ca):
+    with grpc.secure_channel(tls_address, grpc.ssl_channel_credentials(ca.pem)) as channel:
         assert code_of(lambda: ready(channel)) == grpc.StatusCode.UNAUTHENTICATED
         assert code_of(lambda: ready(channel, "wrong-token-0123456789")) == grpc.StatusCode.UNAUTHENTICATED
         stream = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter([pb.ModelInferRequest()]), timeout=60)
@@ -81,11 +87,18 @@ def test_tokens_guard_every_rpc_but_health(tls_server, ca):
         assert error.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
     config = ClientConfig(tls=True, root_certificates=ca.pem, token=TOKEN, retries=0)
-    with AtopClient(tls_server, config) as client:
+    with AtopClient(tls_address, config) as client:
         buffer = io.BytesIO()
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, "PNG")
         (predictions,) = client.classify([buffer.getvalue()], model="tiny", top_k=2)
         assert len(predictions) == 2
+
+
+def test_plaintext_health_port_for_probes_serves_health_alone(tls_server):
+    with grpc.insecure_channel(f"127.0.0.1:{tls_server.health_port}") as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=60)
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
+        assert code_of(lambda: ready(channel, TOKEN)) == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_mutual_tls_needs_a_client_certificate_from_the_ca(tiny_repository, ca, server_pem):
