@@ -59,6 +59,17 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+async def timed_infer(stub, message: pb.ModelInferRequest, deadline: float) -> tuple[str, float]:
+    """The status code name of one request and how long its answer took."""
+    started = time.monotonic()
+    try:
+        await stub.ModelInfer(message, timeout=deadline)
+        code = "OK"
+    except grpc.aio.AioRpcError as error:
+        code = error.code().name
+    return code, time.monotonic() - started
+
+
 async def capacity(stub: pb_grpc.GRPCInferenceServiceStub, message: pb.ModelInferRequest, args) -> float:
     """Requests per second that the server sustains in a closed loop."""
     done = 0
@@ -84,14 +95,9 @@ async def overload(stub, health, message, rate: float, pid: int, args) -> dict:
     stop = asyncio.Event()
 
     async def one() -> None:
-        started = time.monotonic()
-        try:
-            await stub.ModelInfer(message, timeout=args.deadline)
-            code = "OK"
-        except grpc.aio.AioRpcError as error:
-            code = error.code().name
+        code, seconds = await timed_infer(stub, message, args.deadline)
         codes[code] += 1
-        latency.setdefault(code, []).append(time.monotonic() - started)
+        latency.setdefault(code, []).append(seconds)
 
     async def probe() -> None:
         nonlocal health_failures
@@ -143,13 +149,8 @@ async def measure(address: str, pid: int, args) -> dict:
         report["overload"] = await overload(
             stub, health_pb2_grpc.HealthStub(probes), message, rate * args.overload, pid, args
         )
-        started = time.monotonic()
-        try:
-            await stub.ModelInfer(message, timeout=args.deadline)
-            after = "OK"
-        except grpc.aio.AioRpcError as error:
-            after = error.code().name
-        report["right_after"] = {"code": after, "ms": round((time.monotonic() - started) * 1000, 1)}
+        code, seconds = await timed_infer(stub, message, args.deadline)
+        report["right_after"] = {"code": code, "ms": round(seconds * 1000, 1)}
     return report
 
 

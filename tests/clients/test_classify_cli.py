@@ -14,6 +14,7 @@ from atop_clients import AsyncAtopClient, AtopClient, ClientConfig
 from atop_clients.cli import main as classify
 from atop_proto import grpc_service_pb2_grpc
 from atop_server.app import Server, ServerConfig
+from atop_server.batcher import BatcherConfig
 from atop_server.core import CoreConfig
 from atop_server.kserve import KServeService
 
@@ -22,7 +23,13 @@ from atop_server.kserve import KServeService
 def server(tiny_repository):
     running = Server(
         ServerConfig(
-            core=CoreConfig(tiny_repository, models=("tiny", "tiny_uint8")), port=0, metrics_port=-1, grace_seconds=5
+            # The clients, not admission control, are tested here: no refusals because a busy machine runs slowly.
+            core=CoreConfig(
+                tiny_repository, models=("tiny", "tiny_uint8"), batcher=BatcherConfig(max_queue_wait_seconds=600)
+            ),
+            port=0,
+            metrics_port=-1,
+            grace_seconds=5,
         )
     )
     running.start()
