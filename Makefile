@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: help install test lint serve format clean proto bench container-test export train-default zoo
+.PHONY: help install test lint serve format clean proto bench loadtest container-test export train-default zoo
 
 help:
 	@echo "make serve   start the gRPC server on the shipped default model"
@@ -107,6 +107,10 @@ serve: install
 # Serving throughput/latency as ratios to in-process onnxruntime (tests/bench/serving.py).
 bench: install
 	$(RUN) python tests/bench/serving.py --model-repository $(MODEL_REPOSITORY) --seconds 10
+
+# atop-serve under twice its capacity on loopback (tests/bench/loadtest.py): ~2 minutes; exit 1 on a missed target.
+loadtest: install
+	$(RUN) python tests/bench/loadtest.py --model-repository $(MODEL_REPOSITORY) --seconds 60
 
 # Build the serving image with podman, run it, classify CIFAR-10 through it, SIGTERM it (a few minutes).
 container-test: install

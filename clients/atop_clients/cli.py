@@ -120,18 +120,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true", help="skip inputs already classified in --output")
     parser.add_argument("--tls", action="store_true", help="TLS with the system's roots (or --ca-cert)")
     parser.add_argument("--ca-cert", type=Path, help="PEM root certificates for TLS")
-    parser.add_argument("--token", default="", help="bearer token (or env ATOP_TOKEN)")
+    parser.add_argument("--client-cert", type=Path, help="PEM client certificate (mutual TLS; with --client-key)")
+    parser.add_argument("--client-key", type=Path, help="PEM private key of --client-cert")
+    parser.add_argument("--token", default="", help="bearer token (or env ATOP_TOKEN); needs --tls")
+    parser.add_argument(
+        "--insecure-token", action="store_true", help="send the token without TLS (a trusted network only)"
+    )
     args = parser.parse_args(argv)
     if args.resume and not args.output:
         parser.error("--resume needs --output")
     token = args.token or os.environ.get("ATOP_TOKEN", "")
-    config = ClientConfig(
-        timeout=args.timeout,
-        retries=args.retries,
-        tls=args.tls or bool(args.ca_cert),
-        root_certificates=args.ca_cert.read_bytes() if args.ca_cert else None,
-        token=token,
-    )
+    try:
+        config = ClientConfig(
+            timeout=args.timeout,
+            retries=args.retries,
+            tls=args.tls or bool(args.ca_cert or args.client_cert),
+            root_certificates=args.ca_cert.read_bytes() if args.ca_cert else None,
+            client_certificate=args.client_cert.read_bytes() if args.client_cert else None,
+            client_key=args.client_key.read_bytes() if args.client_key else None,
+            token=token,
+            insecure_token=args.insecure_token,
+        )
+    except ValueError as error:
+        parser.error(f"--token / ATOP_TOKEN: {error} (--tls, --insecure-token)")
     try:
         items = list(expand(args.inputs))
     except FileNotFoundError as error:

@@ -14,6 +14,7 @@ from atop_clients import AsyncAtopClient, AtopClient, ClientConfig
 from atop_clients.cli import main as classify
 from atop_proto import grpc_service_pb2_grpc
 from atop_server.app import Server, ServerConfig
+from atop_server.batcher import BatcherConfig
 from atop_server.core import CoreConfig
 from atop_server.kserve import KServeService
 
@@ -22,7 +23,13 @@ from atop_server.kserve import KServeService
 def server(tiny_repository):
     running = Server(
         ServerConfig(
-            core=CoreConfig(tiny_repository, models=("tiny", "tiny_uint8")), port=0, metrics_port=-1, grace_seconds=5
+            # The clients, not admission control, are tested here: no refusals because a busy machine runs slowly.
+            core=CoreConfig(
+                tiny_repository, models=("tiny", "tiny_uint8"), batcher=BatcherConfig(max_queue_wait_seconds=600)
+            ),
+            port=0,
+            metrics_port=-1,
+            grace_seconds=5,
         )
     )
     running.start()
@@ -133,17 +140,17 @@ class FlakyService(KServeService):
         self.calls = 0
         real = self.ModelInfer
 
-        def flaky(request, context):
+        async def flaky(request, context):
             self.calls += 1
             if self.calls <= 2:
-                context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
-            return real(request, context)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+            return await real(request, context)
 
         self.ModelInfer = flaky
 
 
 def test_client_retries_unavailable_then_succeeds(tiny_repository, cifar_folder):
-    from concurrent.futures import ThreadPoolExecutor
+    import threading
 
     from atop_server.core import InferenceCore
     from atop_server.metrics import Metrics
@@ -151,10 +158,17 @@ def test_client_retries_unavailable_then_succeeds(tiny_repository, cifar_folder)
     core = InferenceCore(CoreConfig(tiny_repository, models=("tiny",)))
     core.start()
     service = FlakyService(core, Metrics(), 64)
-    server = grpc.server(ThreadPoolExecutor(4))
-    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    loop = asyncio.new_event_loop()  # the server's own loop, as atop-serve runs it
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    async def start() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server()
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result()
     try:
         image = next((cifar_folder / "test" / "cat").iterdir()).read_bytes()
         with AtopClient(f"127.0.0.1:{port}", ClientConfig(backoff_base=0.01)) as client:
@@ -166,7 +180,8 @@ def test_client_retries_unavailable_then_succeeds(tiny_repository, cifar_folder)
                 client.classify([image], "tiny")
             assert error.value.code() == grpc.StatusCode.UNAVAILABLE and service.calls == 2
     finally:
-        server.stop(0)
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
         core.close()
 
 
