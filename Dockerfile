@@ -91,7 +91,10 @@ USER 10001
 ENV PATH=/opt/venv/bin:$PATH \
     ATOP_MODEL_REPOSITORY=/models ATOP_HOST=0.0.0.0 ATOP_PORT=8001 \
     ATOP_METRICS_HOST=0.0.0.0 ATOP_METRICS_PORT=8002
-EXPOSE 8001 8002
+# TLS and tokens: ATOP_GRPC_USE_SSL=true ATOP_GRPC_SERVER_CERT=... ATOP_GRPC_SERVER_KEY=... ATOP_AUTH_TOKEN_FILE=...
+# (files mounted from secrets, SECURITY.md); ATOP_HEALTH_PORT=8003 then serves plaintext health for probes
+# and for HEALTHCHECK below.
+EXPOSE 8001 8002 8003
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 CMD ["python", "-m", "atop_server.healthcheck"]
 STOPSIGNAL SIGTERM
 # The server handles SIGTERM itself (drain, then exit 0), also as PID 1.

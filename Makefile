@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: help install serve-install test lint serve format clean proto bench container-test export train-default zoo
+.PHONY: help install serve-install test lint serve format clean proto bench loadtest container-test export train-default zoo
 
 help:
 	@echo "make serve           start the gRPC server on the shipped default model (installs the serving side only)"
@@ -20,6 +20,7 @@ help:
 	@echo "make zoo             copy a finished recipe's checkpoints over models/zoo"
 	@echo "make export          rebuild model_repository/ from the checkpoints in models/zoo"
 	@echo "make bench           serving throughput and latency as ratios to in-process onnxruntime"
+	@echo "make loadtest        atop-serve under twice its capacity on loopback for 60 s (~2 minutes; exit 1 on a miss)"
 	@echo "make container-test  build the serving image with podman, classify through it, SIGTERM it"
 	@echo "make proto           regenerate the Python code of proto/atop_proto/*.proto"
 	@echo "make clean           remove .venv, .tools and the caches"
@@ -73,6 +74,10 @@ PRETRAIN_EPOCHS ?= 3
 PRETRAIN_MORE_EPOCHS ?= 3
 FINETUNE_EPOCHS ?= 1
 FINETUNE_IMAGES ?= 0
+# The last stage trains the classifier behind RT + the AToP purifier (frozen) on what the pipeline shows it;
+# PIPELINE_ADV=n-fgsm (shipped) makes it adversarial training through the whole pipeline; none only adapts it.
+PIPELINE_EPOCHS ?= 4
+PIPELINE_ADV ?= n-fgsm
 # Every purifier stage after the first trains from given weights against the recipe's classifier.
 FINETUNE = atop-train finetune --data-source $(DATA) --classifier $(RUNS)/classifier/classifier
 # Continued pretraining for $(1) epochs: the classification term never switches on (warm-up = every epoch), so
@@ -89,13 +94,15 @@ train-default: install
 	$(RUN) $(FINETUNE) --out $(RUNS)/atop --epochs $(FINETUNE_EPOCHS) --data-train-images $(FINETUNE_IMAGES) \
 	    --ce-warmup-epochs 0 --ce-weight 0.5 --lr 1e-4 --attack-steps 3 --attack-step-size 0.0118 \
 	    --purifier $(RUNS)/pretrain-decay/purifier
+	$(RUN) atop-train pipeline --out $(RUNS)/pipeline --data-source $(DATA) --epochs $(PIPELINE_EPOCHS) \
+	    --adv-kind $(PIPELINE_ADV) --classifier $(RUNS)/classifier/classifier --purifier $(RUNS)/atop/purifier
 
 # Copy a finished recipe's checkpoints over the shipped ones (then `make export` to rebuild the repository).
 zoo:
-	cp $(RUNS)/classifier/classifier.safetensors $(RUNS)/classifier/classifier.json $(ZOO)/
+	cp $(RUNS)/pipeline/classifier.safetensors $(RUNS)/pipeline/classifier.json $(ZOO)/
 	cp $(RUNS)/pretrain-decay/purifier.safetensors $(ZOO)/purifier-pretrained.safetensors
 	cp $(RUNS)/pretrain-decay/purifier.json $(ZOO)/purifier-pretrained.json
-	cp $(RUNS)/atop/purifier.safetensors $(RUNS)/atop/purifier.json $(ZOO)/
+	cp $(RUNS)/pipeline/purifier.safetensors $(RUNS)/pipeline/purifier.json $(ZOO)/
 
 # Rebuild the shipped repository from the shipped checkpoints (models/zoo, see its README). One FP32 model:
 # the server feeds it encoded, UINT8 and FP32 inputs alike, and the 30 MB budget for shipped weights holds.
@@ -119,6 +126,10 @@ serve: serve-install
 # Serving throughput/latency as ratios to in-process onnxruntime (tests/bench/serving.py).
 bench: install
 	$(RUN) python tests/bench/serving.py --model-repository $(MODEL_REPOSITORY) --seconds 10
+
+# atop-serve under twice its capacity on loopback (tests/bench/loadtest.py): ~2 minutes; exit 1 on a missed target.
+loadtest: install
+	$(RUN) python tests/bench/loadtest.py --model-repository $(MODEL_REPOSITORY) --seconds 60
 
 # Build the serving image with podman, run it, classify CIFAR-10 through it, SIGTERM it (a few minutes).
 container-test: install

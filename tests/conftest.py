@@ -51,8 +51,15 @@ def extract_cifar_slice(root: Path, per_class: dict[str, int]) -> Path:
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+TINY_PURIFIERS = {"deepfillv2": {"cnum": 8, "dilations": [2, 4]}, "unet": {"width": 8, "groups": 4}}
+
+
 def make_tiny_checkpoints(
-    folder: Path, size: int = 32, output: str = "full", classes: list[str] = CIFAR_CLASSES
+    folder: Path,
+    size: int = 32,
+    output: str = "full",
+    classes: list[str] = CIFAR_CLASSES,
+    purifier_arch: str = "deepfillv2",
 ) -> tuple[Path, Path]:
     """Small random-weight classifier and purifier checkpoints, as atop-train writes them."""
     import torch
@@ -69,15 +76,15 @@ def make_tiny_checkpoints(
     classifier_kwargs = {"num_classes": len(classes), "widths": [16, 32, 32], "head_scale": 1.0, "flip_average": True}
     classifier = CLASSIFIERS.create("airbench", **classifier_kwargs)
     classifier.init_whitening(torch.rand(64, 3, 32, 32))
-    purifier_kwargs = {"cnum": 8, "dilations": [2, 4]}
+    purifier_kwargs = TINY_PURIFIERS[purifier_arch]
     save_model(
         folder / "classifier", classifier, "classifier", "airbench", classifier_kwargs, classes=classes, image_size=size
     )
     save_model(
         folder / "purifier",
-        PURIFIERS.create("deepfillv2", **purifier_kwargs),
+        PURIFIERS.create(purifier_arch, **purifier_kwargs),
         "purifier",
-        "deepfillv2",
+        purifier_arch,
         purifier_kwargs,
         image_size=size,
         classes=classes,

@@ -47,16 +47,18 @@ def test_deployment_probes_ports_resources_and_service():
     assert docs["Deployment"]["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     (container,) = pod["spec"]["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": 8001, "metrics": 8002}
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == ports["grpc"]
+    assert ports == {"grpc": 8001, "metrics": 8002, "health": 8003}
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert int(env["ATOP_HEALTH_PORT"]) == ports["health"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):  # kubelet's gRPC probes: no TLS, no token
+        assert container[probe]["grpc"]["port"] == ports["health"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1 and container["resources"]["requests"]["cpu"]
     grace = int(next(e["value"] for e in container["env"] if e["name"] == "ATOP_GRACE_SECONDS"))
     assert pod["spec"]["terminationGracePeriodSeconds"] > grace  # drain completes before SIGKILL
     assert pod["spec"]["securityContext"]["runAsUser"] == 10001
     service = docs["Service"]["spec"]
     assert service["selector"].items() <= pod["metadata"]["labels"].items()
-    assert {p["targetPort"] for p in service["ports"]} == set(ports)
+    assert {p["targetPort"] for p in service["ports"]} == {"grpc", "metrics"}
     target = docs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", docs["Deployment"]["metadata"]["name"])
 
@@ -68,3 +70,24 @@ def test_training_job_resumes_into_a_volume():
     out = container["args"][container["args"].index("--out") + 1]
     assert any(out.startswith(m["mountPath"]) for m in container["volumeMounts"])
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_serving_pod_is_locked_down_and_gets_tls_and_tokens_from_secrets():
+    pod = next(d for d in documents() if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    security = container["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False and security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert (
+        pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    )
+    assert pod["automountServiceAccountToken"] is False
+    env = {e["name"]: e["value"] for e in container["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert env["ATOP_GRPC_USE_SSL"] == "true" and set(secrets) == {"tls", "tokens"}
+    assert env["ATOP_GRPC_SERVER_CERT"].startswith(mounts["tls"] + "/")
+    assert env["ATOP_GRPC_SERVER_KEY"].startswith(mounts["tls"] + "/")
+    assert env["ATOP_AUTH_TOKEN_FILE"].startswith(mounts["tokens"] + "/")
+    assert all(m.get("readOnly") for m in container["volumeMounts"] if m["name"] in secrets)
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"]  # the user reads the secrets

@@ -216,23 +216,37 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, Classif
     )
     parser.add_argument("--tls", action="store_true", help="TLS with the system's roots (or --ca-cert)")
     parser.add_argument("--ca-cert", type=Path, help="PEM root certificates for TLS (default: the system's)")
-    parser.add_argument("--token", default="", help="bearer token (default: env ATOP_TOKEN, else none)")
+    parser.add_argument("--client-cert", type=Path, help="PEM client certificate (mutual TLS; with --client-key)")
+    parser.add_argument("--client-key", type=Path, help="PEM private key of --client-cert")
+    parser.add_argument("--token", default="", help="bearer token (default: env ATOP_TOKEN, else none); needs --tls")
+    parser.add_argument(
+        "--insecure-token", action="store_true", help="send the token without TLS (a trusted network only)"
+    )
     args = parser.parse_args(argv)
     if args.resume and not args.output:
         parser.error("--resume needs --output")
     if args.retries < 0:
         parser.error(f"argument --retries: must be 0 or more, got {args.retries}")
+    pem = {}
+    for option in ("ca_cert", "client_cert", "client_key"):
+        path = getattr(args, option)
+        try:
+            pem[option] = path.read_bytes() if path else None
+        except OSError as error:
+            parser.error(f"argument --{option.replace('_', '-')}: {error}")
     try:
-        root_certificates = args.ca_cert.read_bytes() if args.ca_cert else None
-    except OSError as error:
-        parser.error(f"argument --ca-cert: {error}")
-    client = ClientConfig(
-        timeout=args.timeout,
-        retries=args.retries,
-        tls=args.tls or bool(args.ca_cert),
-        root_certificates=root_certificates,
-        token=args.token or os.environ.get("ATOP_TOKEN", ""),
-    )
+        client = ClientConfig(
+            timeout=args.timeout,
+            retries=args.retries,
+            tls=args.tls or bool(args.ca_cert or args.client_cert),
+            root_certificates=pem["ca_cert"],
+            client_certificate=pem["client_cert"],
+            client_key=pem["client_key"],
+            token=args.token or os.environ.get("ATOP_TOKEN", ""),
+            insecure_token=args.insecure_token,
+        )
+    except ValueError as error:
+        parser.error(f"--token / ATOP_TOKEN: {error} (--tls, --insecure-token)")
     config = ClassifyConfig(
         server=args.server,
         model=args.model,

@@ -36,8 +36,18 @@ class ClientConfig:
     backoff_max: float = 5.0  # cap of one wait
     tls: bool = False
     root_certificates: bytes | None = None  # PEM; None: the system's roots
+    client_certificate: bytes | None = None  # PEM chain, for servers that ask for one (mutual TLS)
+    client_key: bytes | None = None  # PEM private key of client_certificate
     token: str = ""  # sent as "authorization: Bearer <token>"
+    insecure_token: bool = False  # send the token without TLS (anyone on the path can read and reuse it)
     max_message_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.token and not self.tls and not self.insecure_token:
+            raise ValueError(
+                "refusing to send a bearer token over plaintext: use TLS (tls=True), or insecure_token=True "
+                "on a network you trust"
+            )
 
 
 def backoff(attempt: int, config: ClientConfig) -> float:
@@ -53,7 +63,9 @@ def _channel_options(config: ClientConfig) -> list[tuple[str, int]]:
 
 
 def _credentials(config: ClientConfig) -> grpc.ChannelCredentials | None:
-    return grpc.ssl_channel_credentials(config.root_certificates) if config.tls else None
+    if not config.tls:
+        return None
+    return grpc.ssl_channel_credentials(config.root_certificates, config.client_key, config.client_certificate)
 
 
 def _metadata(config: ClientConfig) -> tuple[tuple[str, str], ...]:

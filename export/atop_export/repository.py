@@ -45,7 +45,7 @@ def config_pbtxt(name: str, inputs: list[Tensor], outputs: list[Tensor], max_bat
         + block("output", outputs)
         + "dynamic_batching { max_queue_delay_microseconds: 2000 }\n"
         + f"instance_group [ {{ count: 1\n  kind: {'KIND_GPU' if gpu else 'KIND_CPU'} }} ]\n"
-        # No response cache: outputs are random by design (DESIGN.md section 5).
+        # No response cache: outputs are random by design (docs/design.md section 5).
         + "response_cache { enable: false }\n"
     )
 

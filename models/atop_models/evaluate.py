@@ -11,12 +11,18 @@ from atop_models.data import BatchLoader, ImageArrays, LoaderConfig
 
 
 @torch.no_grad()
+def predictions(
+    model: nn.Module, data: ImageArrays, device: torch.device, image_size: int, batch_size: int = 500
+) -> torch.Tensor:
+    """The top-1 class of every image of `data`, in order (one draw of a randomized model)."""
+    config = LoaderConfig(batch_size=batch_size, image_size=image_size, shuffle=False, drop_last=False)
+    return torch.cat([model(x).argmax(1).cpu() for x, _ in BatchLoader(data, config, device)])
+
+
 def accuracy(
     model: nn.Module, data: ImageArrays, device: torch.device, image_size: int, batch_size: int = 500
 ) -> float:
-    config = LoaderConfig(batch_size=batch_size, image_size=image_size, shuffle=False, drop_last=False)
-    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in BatchLoader(data, config, device))
-    return correct / len(data)
+    return float((predictions(model, data, device, image_size, batch_size) == data.labels).float().mean())
 
 
 def robust_accuracy(

@@ -74,7 +74,7 @@ class ContextualAttention(nn.Module):
     """Fill holes with a softmax-weighted mix of known background patches (DeepFill's contextual attention).
 
     Batched over the whole batch with unfold / bmm / fold, never a per-sample loop: a loop would be frozen to
-    the example's batch size when exported to ONNX (DESIGN.md section 5). Matching uses 3x3 patches at
+    the example's batch size when exported to ONNX (docs/design.md section 5). Matching uses 3x3 patches at
     1/rate resolution; reconstruction pastes (2*rate)x(2*rate) raw patches at full feature resolution.
     DeepFill's optional 'fuse' smoothing of the score map is left out: at CIFAR scale the score map is
     4x4 patches and the smoothing has almost nothing to act on.

@@ -17,7 +17,7 @@ PurifierOutput = Literal["full", "composite"]
 class PipelineConfig:
     # "full": the classifier sees the refinement output everywhere, so the purifier also removes the RT noise
     # on known pixels. "composite": x_rt * (1-m) + G * m, DeepFill's inpainting convention; it hands the RT
-    # noise straight to the classifier. Chosen by measurement (DESIGN.md section 2); "full" is the default.
+    # noise straight to the classifier. Chosen by measurement (docs/design.md section 2); "full" is the default.
     output: PurifierOutput = "full"
     draws: int = 1  # RT draws averaged (in probability) per image; 1 = a single randomized pass
 

@@ -1,7 +1,7 @@
 """Random transforms (RT): Gaussian noise, then random block masking.
 
 RT destroys the fine structure of an adversarial perturbation before the purifier sees the image. It is
-drawn afresh for every sample on every call: the defense is randomized (DESIGN.md section 1), so nothing
+drawn afresh for every sample on every call: the defense is randomized (docs/design.md section 1), so nothing
 here is ever shared across a batch. Pass an explicit ``torch.Generator`` to make a draw reproducible
 (tests, parity checks); leave it out in production.
 """

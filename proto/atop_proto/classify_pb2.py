@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61top_proto/classify.proto\x12\x07\x61top.v1\"b\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06images\x18\x02 \x03(\x0c\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05\x64raws\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"9\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x02\":\n\x0e\x43lassification\x12(\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x13.atop.v1.Prediction\"\x85\x01\n\x10\x43lassifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12(\n\x07results\x18\x04 \x03(\x0b\x32\x17.atop.v1.Classification\x12\r\n\x05\x65rror\x18\x05 \x01(\t2\x9c\x01\n\nClassifier\x12\x41\n\x08\x43lassify\x12\x18.atop.v1.ClassifyRequest\x1a\x19.atop.v1.ClassifyResponse\"\x00\x12K\n\x0e\x43lassifyStream\x12\x18.atop.v1.ClassifyRequest\x1a\x19.atop.v1.ClassifyResponse\"\x00(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61top_proto/classify.proto\x12\x07\x61top.v1\"b\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06images\x18\x02 \x03(\x0c\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05\x64raws\x18\x04 \x01(\r\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"9\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x02\":\n\x0e\x43lassification\x12(\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x13.atop.v1.Prediction\"\x93\x01\n\x10\x43lassifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12(\n\x07results\x18\x04 \x03(\x0b\x32\x17.atop.v1.Classification\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x0c\n\x04\x63ode\x18\x06 \x01(\t2\x9c\x01\n\nClassifier\x12\x41\n\x08\x43lassify\x12\x18.atop.v1.ClassifyRequest\x1a\x19.atop.v1.ClassifyResponse\"\x00\x12K\n\x0e\x43lassifyStream\x12\x18.atop.v1.ClassifyRequest\x1a\x19.atop.v1.ClassifyResponse\"\x00(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,7 +38,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFICATION']._serialized_start=197
   _globals['_CLASSIFICATION']._serialized_end=255
   _globals['_CLASSIFYRESPONSE']._serialized_start=258
-  _globals['_CLASSIFYRESPONSE']._serialized_end=391
-  _globals['_CLASSIFIER']._serialized_start=394
-  _globals['_CLASSIFIER']._serialized_end=550
+  _globals['_CLASSIFYRESPONSE']._serialized_end=405
+  _globals['_CLASSIFIER']._serialized_start=408
+  _globals['_CLASSIFIER']._serialized_end=564
 # @@protoc_insertion_point(module_scope)

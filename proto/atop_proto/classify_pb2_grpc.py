@@ -58,8 +58,9 @@ class ClassifierServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ClassifyStream(self, request_iterator, context):
-        """For long batches: send requests as a stream, get one response per request, in order. A bad image
-        answers that request with `error` set and the stream goes on.
+        """For long batches: send requests as a stream, get one response per request, in order. A failed
+        request (a bad image, an overloaded queue, ...) is answered with `error` and `code` set and the
+        stream goes on.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

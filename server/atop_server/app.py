@@ -1,42 +1,49 @@
-"""atop-serve: the gRPC server (KServe v2 + atop.v1.Classifier + health + reflection) and its metrics port.
+"""The server: KServe v2 + atop.v1.Classifier + health + reflection on grpc.aio, and the metrics port.
 
-Every option is also an environment variable (ATOP_<OPTION>, e.g. ATOP_PORT=8001), for containers.
-SIGTERM (and SIGINT): health turns NOT_SERVING, new requests are refused, in-flight ones finish within the
-grace period, then the process exits 0.
+Stopping: health turns NOT_SERVING, new requests are refused, in-flight ones finish within the grace period
+(then they are cancelled, whatever the streams do), the batchers finish what they run. cli.py is the command.
 """
 
 from __future__ import annotations
 
-import argparse
+import asyncio
 import json
 import logging
-import os
-import signal
-import sys
+import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
-import onnxruntime as ort
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from atop_proto import classify_pb2, classify_pb2_grpc, grpc_service_pb2, grpc_service_pb2_grpc
-from atop_server.batcher import BatcherConfig
+from atop_server.auth import AuthConfig, TokenAuthInterceptor
 from atop_server.classify_service import ClassifierService
 from atop_server.core import CoreConfig, InferenceCore
 from atop_server.kserve import KServeService
 from atop_server.metrics import Metrics
 
 log = logging.getLogger("atop_server")
-DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 SERVICES = (
     grpc_service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
     classify_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name,
 )
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """PEM bytes. root_cert verifies client certificates (mutual TLS: clients must present one it signed)."""
+
+    server_cert: bytes
+    server_key: bytes
+    root_cert: bytes | None = None
+    mutual: bool = False
 
 
 @dataclass(frozen=True)
@@ -46,50 +53,134 @@ class ServerConfig:
     port: int = 8001  # gRPC; 0 picks a free port (logged)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 8002  # Prometheus /metrics over HTTP; 0 picks a free port, -1 disables
-    grpc_workers: int = 64  # concurrent RPCs being handled (each mostly waits on the batcher)
+    health_port: int = -1  # grpc.health.v1 alone, plaintext, on host (for probes when port has TLS); -1: none
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC's default 4 MiB is ~4000 CIFAR JPEGs, too few for big images
+    max_streams_per_connection: int = 128  # HTTP/2 concurrent streams one connection may open
     grace_seconds: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
     health_services: tuple[str, ...] = field(default=SERVICES)
+    tls: TlsConfig | None = None
+    auth: AuthConfig = field(default_factory=AuthConfig)
+
+
+class StartupError(Exception):
+    """The server cannot start (a busy port, say); the message says what to change."""
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether a listener could bind there: asked before grpc, which would log its own multi-line error."""
+    for family, kind, protocol, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does: TIME_WAIT is no owner
+            try:
+                probe.bind(address)
+            except OSError:
+                return False
+    return True
+
+
+def _listen(
+    server: grpc.aio.Server, what: str, host: str, port: int, credentials: grpc.ServerCredentials | None, flags: str
+) -> int:
+    """Bind a port (0: a free one), or fail with one line naming it and the flags that set it."""
+    address = f"{host}:{port}"
+    if port and not port_is_free(host, port):
+        raise StartupError(f"cannot bind {what} to {address}: the port is in use ({flags})")
+    try:
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0  # grpc.aio raises where grpc returns 0
+    if not bound:
+        raise StartupError(f"cannot bind {what} to {address}: the address is not allowed ({flags})")
+    return bound
 
 
 class Server:
-    """A started server: ports bound, models loaded and warmed up, health SERVING."""
+    """A started server: ports bound, models loaded and warmed up, health SERVING. gRPC runs on an asyncio
+    loop in its own thread, so that start() and stop() can be called from plain code (main, tests)."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.metrics = Metrics()
         self.core = InferenceCore(config.core, self.metrics.record_execution)
+        self.metrics.decoded_images.set_function(lambda: self.core.decoded_images)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-loop", daemon=True)
+        self._thread.start()
+        try:
+            self.port = self._on_loop(self._bind())
+            self.metrics_port = self._serve_metrics()
+        except BaseException:
+            self._close_loop()
+            raise
+        self.stopped = threading.Event()
+
+    def _on_loop(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def _close_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    async def _bind(self) -> int:
+        config = self.config
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+            ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share its traffic
         ]
-        self.grpc = grpc.server(ThreadPoolExecutor(config.grpc_workers, thread_name_prefix="grpc"), options=options)
+        interceptors = [TokenAuthInterceptor(config.auth)] if config.auth.tokens else []
+        self.grpc = grpc.aio.server(options=options, interceptors=interceptors)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             KServeService(self.core, self.metrics, config.core.max_images_per_request), self.grpc
         )
         classify_pb2_grpc.add_ClassifierServicer_to_server(ClassifierService(self.core, self.metrics), self.grpc)
-        self.health = health.HealthServicer()
+        self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc)
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
-        if self.port == 0:
-            raise OSError(f"cannot bind gRPC to {config.host}:{config.port}")
-        self.metrics_port = (
-            self.metrics.serve(config.metrics_host, config.metrics_port) if config.metrics_port >= 0 else -1
-        )
-        self.stopped = threading.Event()
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        credentials = None
+        if config.tls is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(config.tls.server_key, config.tls.server_cert)],
+                root_certificates=config.tls.root_cert,
+                require_client_auth=config.tls.mutual,
+            )
+        port = _listen(self.grpc, "gRPC", config.host, config.port, credentials, "--port, ATOP_PORT")
+        # Kubernetes' gRPC probes speak neither TLS nor tokens: health alone, plaintext, on a port of its own.
+        self.health_grpc: grpc.aio.Server | None = None
+        self.health_port = -1
+        if config.health_port >= 0:
+            self.health_grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_grpc)
+            flags = "--health-port, ATOP_HEALTH_PORT"
+            self.health_port = _listen(self.health_grpc, "health", config.host, config.health_port, None, flags)
+        return port
 
-    def _set_health(self, status: int) -> None:
+    def _serve_metrics(self) -> int:
+        if self.config.metrics_port < 0:
+            return -1
+        try:
+            return self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
+        except OSError as error:
+            raise StartupError(
+                f"cannot bind metrics to {self.config.metrics_host}:{self.config.metrics_port}: {error.strerror} "
+                "(--metrics-port, ATOP_METRICS_PORT; -1 turns metrics off)"
+            ) from None
+
+    async def _set_health(self, status: int) -> None:
         for service in ("", *self.config.health_services):
-            self.health.set(service, status)
+            await self.health.set(service, status)
 
     def start(self) -> None:
-        self.grpc.start()  # live at once (ServerLive), ready only after the models are loaded and warmed up
+        self._on_loop(self.grpc.start())  # live at once (ServerLive), ready only after the models are warmed up
+        if self.health_grpc is not None:
+            self._on_loop(self.health_grpc.start())
         self.core.start()
         self.metrics.served.update(self.core.models)
         providers = {name: model.loaded.session.get_providers()[0] for name, model in self.core.models.items()}
-        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._on_loop(self._set_health(health_pb2.HealthCheckResponse.SERVING))
         self.metrics.ready.set(1)
         log.info(
             json.dumps(
@@ -98,6 +189,9 @@ class Server:
                     "grpc": f"{self.config.host}:{self.port}",
                     "grpc_port": self.port,
                     "metrics_port": self.metrics_port,
+                    "health_port": self.health_port,
+                    "tls": None if self.config.tls is None else ("mutual" if self.config.tls.mutual else "server"),
+                    "auth": "bearer tokens" if self.config.auth.tokens else None,
                     # where to look, for a person reading the first log line of `make serve`
                     "metrics": f"http://{self.config.metrics_host}:{self.metrics_port}/metrics"
                     if self.metrics_port >= 0
@@ -110,16 +204,30 @@ class Server:
             )
         )
 
-    def stop(self) -> None:
-        """Graceful: NOT_SERVING, refuse new RPCs, let in-flight ones finish, then stop the workers."""
+    async def _stop_grpc(self) -> None:
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        # After the grace period grpc cancels every RPC still running, streams included: shutdown is bounded.
+        await self.grpc.stop(self.config.grace_seconds)
+        if self.health_grpc is not None:
+            await self.health_grpc.stop(0)
+
+    def close(self) -> float:
+        """Stop serving (gracefully, within the grace period) and the workers; returns how long the RPCs took
+        to drain. Quiet: for a server that failed to start, too."""
         started = time.monotonic()
-        log.info(json.dumps({"event": "stopping", "grace_seconds": self.config.grace_seconds}))
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.metrics.ready.set(0)
-        self.grpc.stop(self.config.grace_seconds).wait()
+        self._on_loop(self._stop_grpc())
         rpcs_done = time.monotonic() - started
         self.core.close()
+        self._close_loop()
         self.stopped.set()
+        return rpcs_done
+
+    def stop(self) -> None:
+        """Graceful: NOT_SERVING, refuse new RPCs, let in-flight ones finish, then stop the workers; logged."""
+        started = time.monotonic()
+        log.info(json.dumps({"event": "stopping", "grace_seconds": self.config.grace_seconds}))
+        rpcs_done = self.close()
         log.info(
             json.dumps(
                 {
@@ -129,96 +237,3 @@ class Server:
                 }
             )
         )
-
-
-def choose_providers(device: str) -> tuple[str, ...]:
-    """auto: CUDA first when this onnxruntime build has it (it falls back to the CPU if CUDA fails to load;
-    the 'serving' log line says which provider each model really got)."""
-    available = ort.get_available_providers()
-    if device == "cpu":
-        return ("CPUExecutionProvider",)
-    if device == "cuda" and "CUDAExecutionProvider" not in available:
-        raise SystemExit(f"--device cuda: this onnxruntime build has no CUDA provider ({available})")
-    if "CUDAExecutionProvider" in available:
-        return ("CUDAExecutionProvider", "CPUExecutionProvider")
-    return ("CPUExecutionProvider",)
-
-
-def _env(name: str, default: object) -> str:
-    return os.environ.get(f"ATOP_{name.upper()}", str(default))
-
-
-def parse_args(argv: list[str] | None) -> ServerConfig:
-    parser = argparse.ArgumentParser(
-        prog="atop-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    batcher, core_defaults = BatcherConfig(), CoreConfig(Path())
-    options = [
-        ("model_repository", Path, DEFAULT_REPOSITORY, "model repository (Triton layout) written by atop-export"),
-        ("models", str, "", "comma-separated models to serve (default: all in the repository)"),
-        ("default_model", str, "", "model for atop.v1.Classifier requests that name none"),
-        ("host", str, "127.0.0.1", "gRPC address to bind (0.0.0.0 in containers)"),
-        ("port", int, 8001, "gRPC port (0: a free one, logged)"),
-        ("metrics_host", str, "127.0.0.1", "Prometheus metrics address"),
-        ("metrics_port", int, 8002, "Prometheus metrics port (0: a free one; -1: off)"),
-        ("device", str, "auto", "auto (CUDA when it loads, else CPU), cuda or cpu"),
-        ("intra_op_threads", int, 0, "onnxruntime threads per model (0: one per core)"),
-        ("decode_workers", int, core_defaults.decode_workers, "threads decoding images"),
-        ("max_batch_size", int, batcher.max_batch_size, "images per model execution"),
-        ("max_queue_delay_us", int, batcher.max_queue_delay_us, "extra wait for a batch that has company"),
-        ("max_queue_size", int, batcher.max_queue_size, "images waiting before RESOURCE_EXHAUSTED"),
-        ("max_draws", int, core_defaults.max_draws, "upper bound of the draws request parameter"),
-        ("max_images_per_request", int, core_defaults.max_images_per_request, "images in one request"),
-        ("max_message_mb", int, 64, "largest gRPC message, MiB"),
-        ("grace_seconds", float, 30.0, "SIGTERM: time in-flight requests get to finish"),
-        ("log_level", str, "INFO", "DEBUG, INFO, WARNING"),
-    ]
-    for name, kind, default, text in options:
-        parser.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=name,
-            type=kind,
-            default=kind(_env(name, default)),
-            help=f"{text} [env ATOP_{name.upper()}; default {default}]",
-        )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(message)s")
-    core = CoreConfig(
-        model_repository=args.model_repository,
-        models=tuple(m for m in args.models.split(",") if m),
-        default_model=args.default_model,
-        providers=choose_providers(args.device),
-        intra_op_threads=args.intra_op_threads,
-        decode_workers=args.decode_workers,
-        max_draws=args.max_draws,
-        max_images_per_request=args.max_images_per_request,
-        batcher=BatcherConfig(args.max_batch_size, args.max_queue_delay_us, args.max_queue_size),
-    )
-    return ServerConfig(
-        core=core,
-        host=args.host,
-        port=args.port,
-        metrics_host=args.metrics_host,
-        metrics_port=args.metrics_port,
-        max_message_bytes=args.max_message_mb * 1024 * 1024,
-        grace_seconds=args.grace_seconds,
-    )
-
-
-def main(argv: list[str] | None = None) -> None:
-    config = parse_args(argv)
-    server = Server(config)
-    stopping = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    server.start()
-    stopping.wait()
-    server.stop()
-
-
-if __name__ == "__main__":
-    main()

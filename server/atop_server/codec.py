@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import math
 import struct
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -31,9 +34,10 @@ DATATYPES = {
 }
 
 
-def decode_image(data: bytes, size: int, index: int) -> np.ndarray:
-    """An encoded image (any format and mode Pillow reads; first frame; EXIF orientation applied) ->
-    RGB uint8 [size, size, 3]."""
+@contextlib.contextmanager
+def _opened(data: bytes, index: int) -> Iterator[Image.Image]:
+    """The image with only its header read; any failure of opening or of the body's decoding becomes
+    InvalidInput naming the image."""
     if not data:
         raise InvalidInput(f"image {index} is empty (0 bytes)")
     try:
@@ -43,12 +47,7 @@ def decode_image(data: bytes, size: int, index: int) -> np.ndarray:
                     f"image {index} is too large to decode ({image.width}x{image.height} pixels, "
                     f"limit {MAX_IMAGE_PIXELS})"
                 )
-            image.seek(0)
-            upright = ImageOps.exif_transpose(image) or image
-            rgb = upright.convert("RGB")
-            if rgb.size != (size, size):
-                rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
-            return np.asarray(rgb, dtype=np.uint8)
+            yield image
     except Image.DecompressionBombError as error:
         raise InvalidInput(f"image {index} is too large to decode (limit {MAX_IMAGE_PIXELS} pixels): {error}") from None
     except UnidentifiedImageError:
@@ -57,6 +56,24 @@ def decode_image(data: bytes, size: int, index: int) -> np.ndarray:
         ) from None
     except (OSError, ValueError, SyntaxError, EOFError) as error:
         raise InvalidInput(f"image {index} cannot be decoded as an image ({len(data)} bytes): {error}") from None
+
+
+def image_pixels(data: bytes, index: int) -> int:
+    """Width x height from the header alone: what decoding the image will cost, known before paying it."""
+    with _opened(data, index) as image:
+        return image.width * image.height
+
+
+def decode_image(data: bytes, size: int, index: int) -> np.ndarray:
+    """An encoded image (any format and mode Pillow reads; first frame; EXIF orientation applied) ->
+    RGB uint8 [size, size, 3]."""
+    with _opened(data, index) as image:
+        image.seek(0)
+        upright = ImageOps.exif_transpose(image) or image
+        rgb = upright.convert("RGB")
+        if rgb.size != (size, size):
+            rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+        return np.asarray(rgb, dtype=np.uint8)
 
 
 def split_bytes_tensor(buffer: bytes, count: int) -> list[bytes]:
@@ -84,7 +101,7 @@ def array_from_raw(buffer: bytes, datatype: str, shape: tuple[int, ...]) -> np.n
     if datatype not in DATATYPES:
         raise InvalidInput(f"datatype {datatype!r} cannot be sent as a numeric raw tensor")
     dtype = DATATYPES[datatype]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if len(buffer) != expected:
         raise InvalidInput(f"{datatype} tensor of shape {list(shape)} needs {expected} bytes, got {len(buffer)}")
     return np.frombuffer(buffer, dtype=dtype).reshape(shape)

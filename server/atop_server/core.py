@@ -1,6 +1,6 @@
 """The serving core: models, decoding, batching, statistics. Never imports grpc (the servicers do).
 
-Per request: decode and validate (a thread pool, off the gRPC threads' critical path; Pillow releases the
+Per request: decode and validate (a thread pool, off the asyncio loop that serves gRPC; Pillow releases the
 GIL while it decodes) -> convert to the model's input layout -> the dynamic batcher -> the model graph
 (RT + purifier + classifier, all inside onnxruntime, which releases the GIL). RT is drawn inside the graph
 on every execution, from a session seeded by OS entropy (session.py).
@@ -8,27 +8,28 @@ on every execution, from a session seeded by OS entropy (session.py).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from atop_server.batcher import BatcherConfig, DynamicBatcher, Execution
-from atop_server.codec import decode_image
+from atop_server.codec import decode_image, image_pixels
 from atop_server.errors import (
-    Cancelled,
     DeadlineExceeded,
     InvalidInput,
     ModelLoadError,
     ModelNotFoundError,
     NotReady,
+    Overloaded,
 )
 from atop_server.repository import LoadedModel, list_models, load_model
 
@@ -45,7 +46,49 @@ class CoreConfig:
     decode_workers: int = 4  # threads decoding images
     max_draws: int = 16  # bound on the `draws` parameter (each draw costs a full model pass)
     max_images_per_request: int = 1024
+    # Decoding cost is bounded in pixels (what a small compressed file can expand to): per request, and over
+    # all requests being decoded at once (about 3 bytes of memory per pixel, more while converting modes).
+    max_request_pixels: int = 64_000_000
+    max_pixels_in_flight: int = 128_000_000
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
+
+
+@dataclass(frozen=True)
+class Call:
+    """Who asks and until when: the fairness key (one client connection) and the deadline (monotonic)."""
+
+    client: str = ""
+    deadline: float | None = None
+
+    def time_left(self) -> float | None:
+        return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
+
+    def check_deadline(self, during: str) -> None:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise DeadlineExceeded(f"the request's deadline passed {during}")
+
+
+class PixelBudget:
+    """Decoded pixels in flight over all requests: a request that would exceed it is refused at once."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        with self._lock:
+            if self.used + pixels > self.limit:
+                raise Overloaded(
+                    f"{self.used} pixels are being decoded, this request adds {pixels} (limit {self.limit}): "
+                    "retry with backoff"
+                )
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.used -= pixels
 
 
 @dataclass
@@ -123,6 +166,8 @@ class InferenceCore:
         self.models: dict[str, ServedModel] = {}
         self.versions: dict[str, list[int]] = {}
         self._decoder = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
+        self._pixels_in_flight = PixelBudget(config.max_pixels_in_flight)
+        self.decoded_images = 0  # images decoded since start (a metric; shows that cancelled work stops)
         self.ready = False
         self.closing = False
 
@@ -152,14 +197,17 @@ class InferenceCore:
             self.versions[name] = available[name]
 
     def warmup(self) -> None:
-        """One execution per model and batch shape class, so the first client does not pay graph setup."""
+        """Executions of a single image and of a full batch per model, so the first client does not pay graph
+        setup and admission control knows from the start how fast a full queue drains."""
         for model in self.models.values():
-            for batch in (1, min(8, self.config.batcher.max_batch_size)):
+            for batch in (1, self.config.batcher.max_batch_size, self.config.batcher.max_batch_size):
                 if model.layout == "NHWC":
                     dummy = np.zeros((batch, model.size, model.size, 3), np.uint8)
                 else:
                     dummy = np.zeros((batch, 3, model.size, model.size), np.float32)
+                started = time.monotonic()
                 model._run(dummy)
+            model.batcher.calibrate(time.monotonic() - started, batch)  # the second full batch: warmed up
 
     def start(self) -> None:
         self.load()
@@ -171,7 +219,7 @@ class InferenceCore:
         self.closing, self.ready = True, False
         for model in self.models.values():
             model.batcher.close()
-        self._decoder.shutdown(wait=True)
+        self._decoder.shutdown(wait=True, cancel_futures=True)
 
     # -- lookups ------------------------------------------------------------------------------------------
     def model(self, name: str, version: str = "") -> ServedModel:
@@ -185,11 +233,41 @@ class InferenceCore:
         return served
 
     # -- inference ----------------------------------------------------------------------------------------
-    def decode(self, encoded: list[bytes], size: int) -> np.ndarray:
-        """Encoded images -> uint8 [N,size,size,3], in parallel; the first bad image fails the request."""
+    async def decode(self, encoded: list[bytes], size: int, call: Call) -> np.ndarray:
+        """Encoded images -> uint8 [N,size,size,3]. What decoding will cost is read from the headers first and
+        bounded per request and in flight; the deadline is checked between images, and a cancelled request
+        (its task cancelled) decodes no further image. A request keeps at most decode_workers images in the
+        pool at a time, so a big request does not queue a small one's decoding behind all of its own."""
         self._check_count(len(encoded))
-        futures = [self._decoder.submit(decode_image, data, size, i) for i, data in enumerate(encoded)]
-        return np.stack([f.result() for f in futures])
+        pixels = await asyncio.wrap_future(self._decoder.submit(self._request_pixels, encoded))
+        with self._pixels_in_flight.hold(pixels):
+            decoded: list[np.ndarray | None] = [None] * len(encoded)
+            indices = iter(range(len(encoded)))
+
+            async def lane() -> None:
+                for i in indices:
+                    call.check_deadline("while its images were decoded")
+                    future = self._decoder.submit(decode_image, encoded[i], size, i)
+                    decoded[i] = await asyncio.wrap_future(future)
+                    self.decoded_images += 1  # on the event loop: no lock needed
+
+            lanes = [asyncio.ensure_future(lane()) for _ in range(min(self.config.decode_workers, len(encoded)))]
+            try:
+                await asyncio.gather(*lanes)
+            finally:
+                for task in lanes:  # the first failure stops the other lanes too
+                    task.cancel()
+        return np.stack(decoded)  # type: ignore[arg-type]
+
+    def _request_pixels(self, encoded: list[bytes]) -> int:
+        """Decoded pixels of a whole request, from the headers; the first bad image fails the request."""
+        total = sum(image_pixels(data, i) for i, data in enumerate(encoded))
+        if total > self.config.max_request_pixels:
+            raise InvalidInput(
+                f"the request's {len(encoded)} images hold {total} pixels, above the limit of "
+                f"{self.config.max_request_pixels} per request: send fewer or smaller images per request"
+            )
+        return total
 
     def _check_count(self, count: int) -> None:
         if count == 0:
@@ -215,34 +293,39 @@ class InferenceCore:
             raise InvalidInput(f"FP32 pixel values must lie in [0, 1], got [{images.min():.4g}, {images.max():.4g}]")
         return images
 
-    def classify(
-        self,
-        model: ServedModel,
-        images: np.ndarray,
-        draws: int = 1,
-        timeout: float | None = None,
-        cancelled: Future | None = None,
-    ) -> np.ndarray:
-        """Probabilities [N, classes], averaged over `draws` independent RT draws. `cancelled` (done when the
-        client went away) and the timeout withdraw the request's queued work."""
-        if self.closing or not self.ready:
-            raise NotReady("the server is not ready (starting up or shutting down)")
+    def check_draws(self, count: int, draws: int) -> None:
+        """Refuse up front what can never be served: retrying would not help, so it is the client's to fix."""
         if not 1 <= draws <= self.config.max_draws:
             raise InvalidInput(f"draws must be between 1 and {self.config.max_draws}, got {draws}")
+        limit = self.config.batcher.client_limit
+        if count * draws > limit:
+            raise InvalidInput(
+                f"{count} images x {draws} draws = {count * draws} model inputs exceed the {limit} one "
+                "connection may have queued: send fewer images or draws per request"
+            )
+
+    async def classify(self, model: ServedModel, images: np.ndarray, draws: int, call: Call) -> np.ndarray:
+        """Probabilities [N, classes], averaged over `draws` independent RT draws. Admitted whole or refused at
+        once; cancelling the awaiting task, or the deadline, withdraws the request's queued work."""
+        if self.closing or not self.ready:
+            raise NotReady("the server is not ready (starting up or shutting down)")
+        self.check_draws(len(images), draws)
         started = time.monotonic()
-        deadline = None if timeout is None else started + timeout
         batch = model.to_model_input(images)
-        repeated = np.concatenate([batch] * draws) if draws > 1 else batch  # each copy gets its own RT draw
         step = self.config.batcher.max_batch_size
-        futures = [model.batcher.submit(repeated[i : i + step], deadline) for i in range(0, len(repeated), step)]
+        # Each draw is another copy of the request's images (views, not copies): each gets its own RT draw.
+        parts = [batch[i : i + step] for _ in range(draws) for i in range(0, len(batch), step)]
+        futures = model.batcher.submit(parts, call.deadline, call.client)
         try:
-            self._wait(futures, deadline, cancelled)
-            rows = np.concatenate([f.result() for f in futures])
-        except BaseException:
+            done = asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+            rows = np.concatenate(await asyncio.wait_for(done, call.time_left()))
+        except TimeoutError:
+            raise DeadlineExceeded("no answer within the request's deadline") from None
+        finally:
             for f in futures:
-                f.cancel()
-            raise
-        self._record(model, len(images), time.monotonic() - started, ok=True)
+                f.cancel()  # after a timeout, a cancellation or a failed part, nothing else of the request runs
+        # A failure is counted by the servicer's failures_counted (once per request, whatever failed).
+        self._record(model, time.monotonic() - started, True, len(images))
         return rows.reshape(draws, len(images), -1).mean(0)
 
     @contextlib.contextmanager
@@ -253,22 +336,10 @@ class InferenceCore:
         try:
             yield
         except BaseException:
-            self._record(model, 0, time.monotonic() - started, ok=False)
+            self._record(model, time.monotonic() - started, False, 0)
             raise
 
-    @staticmethod
-    def _wait(futures: list[Future], deadline: float | None, cancelled: Future | None) -> None:
-        pending: set[Future] = set(futures)
-        while pending:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise DeadlineExceeded("no answer within the request's deadline")
-            done, _ = wait(pending | ({cancelled} if cancelled else set()), remaining, FIRST_COMPLETED)
-            if cancelled is not None and cancelled in done:
-                raise Cancelled("the client cancelled the request")
-            pending -= done
-
-    def _record(self, model: ServedModel, images: int, seconds: float, ok: bool) -> None:
+    def _record(self, model: ServedModel, seconds: float, ok: bool, images: int) -> None:
         with model.lock:
             (model.stats.success if ok else model.stats.fail).add(seconds)
             if ok:

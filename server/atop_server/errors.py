@@ -22,16 +22,11 @@ class NotReady(ServeError):
     """Starting up or shutting down."""
 
 
-class Cancelled(ServeError):
-    """The client went away; its queued work was withdrawn."""
-
-
 class DeadlineExceeded(ServeError):
     """The request's deadline passed before its batch ran."""
 
 
 __all__ = [
-    "Cancelled",
     "DeadlineExceeded",
     "InvalidInput",
     "ModelLoadError",

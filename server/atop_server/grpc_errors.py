@@ -5,7 +5,6 @@ from __future__ import annotations
 import grpc
 
 from atop_server.errors import (
-    Cancelled,
     DeadlineExceeded,
     InvalidInput,
     ModelLoadError,
@@ -21,12 +20,12 @@ CODES: dict[type[Exception], grpc.StatusCode] = {
     NotReady: grpc.StatusCode.UNAVAILABLE,
     ModelLoadError: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    Cancelled: grpc.StatusCode.CANCELLED,
 }
 HANDLED = tuple(CODES)
 
 
 def code_of(error: Exception) -> grpc.StatusCode:
+    """The status of a serving error; INTERNAL for anything else (a bug: the servicers log it)."""
     for kind, code in CODES.items():
         if isinstance(error, kind):
             return code

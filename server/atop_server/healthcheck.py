@@ -1,6 +1,8 @@
 """Container health check: exit 0 when the server's grpc.health.v1 says SERVING, 1 otherwise.
 
 python -m atop_server.healthcheck [--address 127.0.0.1:8001] [--service inference.GRPCInferenceService]
+The default address is the plaintext health port when one is set (ATOP_HEALTH_PORT, for servers whose main
+port has TLS), else the gRPC port (ATOP_PORT).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="atop-healthcheck", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--address", default=f"127.0.0.1:{os.environ.get('ATOP_PORT', '8001')}")
+    health_port = os.environ.get("ATOP_HEALTH_PORT", "-1")
+    port = health_port if health_port.isdigit() else os.environ.get("ATOP_PORT", "8001")
+    parser.add_argument("--address", default=f"127.0.0.1:{port}")
     parser.add_argument("--service", default="", help="empty: the whole server")
     parser.add_argument("--timeout", type=float, default=3.0)
     args = parser.parse_args(argv)

@@ -8,8 +8,8 @@ BYTES [N,k] tensor of "score:index:label" strings, best first.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from concurrent.futures import Future
+import math
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -18,11 +18,10 @@ from atop_proto import grpc_service_pb2 as pb
 from atop_proto import grpc_service_pb2_grpc as pb_grpc
 from atop_server import __version__
 from atop_server.codec import array_from_raw, join_bytes_tensor, split_bytes_tensor
-from atop_server.core import InferenceCore, ServedModel
+from atop_server.core import Call, InferenceCore, ServedModel
 from atop_server.errors import InvalidInput
-from atop_server.grpc_errors import HANDLED
 from atop_server.metrics import Metrics
-from atop_server.servicing import cancellation_token, request_id, rpc, time_left
+from atop_server.servicing import answer_each, call_of, request_id, rpc
 
 EXTENSIONS = ["classification", "model_configuration", "statistics"]
 PLATFORM = "onnxruntime_onnx"
@@ -55,9 +54,11 @@ def _parameter(parameters: dict, name: str, default: int) -> int:
     kind = value.WhichOneof("parameter_choice")
     if kind in ("int64_param", "uint64_param"):
         return int(getattr(value, kind))
-    if kind == "string_param" and value.string_param.strip().isdigit():
-        return int(value.string_param)
-    raise InvalidInput(f"parameter {name!r} must be an integer, got {kind}")
+    text = value.string_param.strip()
+    if kind == "string_param" and text.isascii() and text.isdigit():  # not "²" or "٣", which isdigit() accepts
+        return int(text)
+    shown = repr(value.string_param) if kind == "string_param" else kind
+    raise InvalidInput(f"parameter {name!r} must be a non-negative integer, got {shown}")
 
 
 def _classification_strings(probabilities: np.ndarray, k: int, labels: list[str]) -> list[bytes]:
@@ -81,23 +82,29 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
             setattr(self, method, rpc(method, metrics, model_of)(handler).__get__(self))
 
     # -- health and metadata ------------------------------------------------------------------------------
-    def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.ServicerContext) -> pb.ServerLiveResponse:
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=not self.core.closing)
 
-    def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.ServicerContext) -> pb.ServerReadyResponse:
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.core.ready)
 
-    def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.ServicerContext) -> pb.ModelReadyResponse:
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
         self.core.model(request.name, request.version)
         return pb.ModelReadyResponse(ready=self.core.ready)
 
-    def ServerMetadata(
-        self, request: pb.ServerMetadataRequest, context: grpc.ServicerContext
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="atop-serve", version=__version__, extensions=EXTENSIONS)
 
-    def ModelMetadata(
-        self, request: pb.ModelMetadataRequest, context: grpc.ServicerContext
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
         model = self.core.model(request.name, request.version)
         tensor = pb.ModelMetadataResponse.TensorMetadata
@@ -112,7 +119,9 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
             ],
         )
 
-    def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.ServicerContext) -> pb.ModelConfigResponse:
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
         model = self.core.model(request.name, request.version)
         batcher = self.core.config.batcher
 
@@ -143,8 +152,8 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         )
         return pb.ModelConfigResponse(config=config)
 
-    def ModelStatistics(
-        self, request: pb.ModelStatisticsRequest, context: grpc.ServicerContext
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
         names = [self.core.model(request.name, request.version).name] if request.name else list(self.core.models)
 
@@ -177,8 +186,8 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
                 )
         return pb.ModelStatisticsResponse(model_stats=out)
 
-    def RepositoryIndex(
-        self, request: pb.RepositoryIndexRequest, context: grpc.ServicerContext
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
         state = "READY" if self.core.ready else "UNAVAILABLE"
         return pb.RepositoryIndexResponse(
@@ -189,34 +198,43 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     # -- inference ----------------------------------------------------------------------------------------
-    def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.ServicerContext) -> pb.ModelInferResponse:
-        return self._infer(request, context, cancellation_token(context))
-
-    def ModelStreamInfer(
-        self, requests: Iterator[pb.ModelInferRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.ModelStreamInferResponse]:
-        token = cancellation_token(context)  # one for the whole stream: it ends when the stream does
-        for request in requests:
-            try:
-                yield pb.ModelStreamInferResponse(infer_response=self._infer(request, context, token))
-            except HANDLED as error:  # the stream goes on; this request's answer says what was wrong
-                yield pb.ModelStreamInferResponse(
-                    error_message=str(error), infer_response=pb.ModelInferResponse(id=request.id)
-                )
-
-    def _infer(
-        self, request: pb.ModelInferRequest, context: grpc.ServicerContext, token: Future
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
+        return await self._infer(request, call_of(context))
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """One response per request, in order; a failed request is answered with error_message (its status
+        code name first, e.g. "RESOURCE_EXHAUSTED: ...") and the stream goes on."""
+        call = call_of(context)
+
+        async def handle(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, call))
+
+        def on_error(request: pb.ModelInferRequest, code: grpc.StatusCode, message: str) -> pb.ModelStreamInferResponse:
+            return pb.ModelStreamInferResponse(
+                error_message=f"{code.name}: {message}", infer_response=pb.ModelInferResponse(id=request.id)
+            )
+
+        async for response in answer_each(
+            "ModelStreamInfer", self.metrics, requests, handle, on_error, lambda r: r.model_name
+        ):
+            yield response
+
+    async def _infer(self, request: pb.ModelInferRequest, call: Call) -> pb.ModelInferResponse:
         """validate -> decode -> core -> encode, for one request of either RPC."""
         model = self.core.model(request.model_name, request.model_version)
         with self.core.failures_counted(model):
             outputs = self._outputs(request, model)  # checked before the model runs
-            images = self._images(request, model)
             draws = _parameter(request.parameters, "draws", 1)
-            probabilities = self.core.classify(model, images, draws, time_left(context), token)
+            images = await self._images(request, model, draws, call)
+            probabilities = await self.core.classify(model, images, draws, call)
         return self._response(request, model, outputs, probabilities)
 
-    def _images(self, request: pb.ModelInferRequest, model: ServedModel) -> np.ndarray:
+    async def _images(self, request: pb.ModelInferRequest, model: ServedModel, draws: int, call: Call) -> np.ndarray:
+        """The request's images, validated; what can never be served is refused before anything is decoded."""
         if len(request.inputs) != 1:
             raise InvalidInput(
                 f"model {model.name} takes exactly one input ({model.input_name}), got {len(request.inputs)}"
@@ -230,6 +248,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidInput(f"input shape {list(shape)} must have only positive dimensions")
         if shape[0] > self.max_images:
             raise InvalidInput(f"{shape[0]} images exceed the limit of {self.max_images} per request")
+        self.core.check_draws(shape[0], draws)
         if tensor.datatype not in _TYPED:
             raise InvalidInput(f"input datatype {tensor.datatype!r} is not BYTES (encoded images), UINT8 or FP32")
         raw = self._raw(request)
@@ -241,12 +260,12 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
             items = split_bytes_tensor(raw, shape[0]) if raw is not None else list(tensor.contents.bytes_contents)
             if len(items) != shape[0]:
                 raise InvalidInput(f"BYTES input of shape {list(shape)} holds {len(items)} elements")
-            return self.core.decode(items, model.size)
+            return await self.core.decode(items, model.size, call)
         if raw is not None:
             array = array_from_raw(raw, tensor.datatype, shape)
         else:
             values = getattr(tensor.contents, _TYPED[tensor.datatype])
-            if len(values) != int(np.prod(shape)):
+            if len(values) != math.prod(shape):
                 raise InvalidInput(f"{tensor.datatype} input of shape {list(shape)} holds {len(values)} values")
             if tensor.datatype == "UINT8" and values and max(values) > 255:
                 raise InvalidInput("UINT8 contents hold values above 255")

@@ -40,6 +40,7 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
         )
         self.queued_images = Gauge("atop_queue_images", "images waiting in the batcher", ["model"], registry=r)
+        self.decoded_images = Gauge("atop_decoded_images", "encoded images decoded since start", registry=r)
         self.ready = Gauge("atop_server_ready", "1 when the server reports ready", registry=r)
         self.served: set[str] = set()  # model label values; anything else a client names is "unknown"
 

@@ -1,77 +1,100 @@
-"""What both gRPC services share: the error mapping, per-RPC metrics and logs, cancellation and deadlines."""
+"""What both gRPC services share: the error mapping of unary calls and of each message of a stream, per-RPC
+metrics and logs, and who is calling until when.
+
+The services run on grpc.aio: an idle stream or a request waiting on the batcher holds no thread, only a
+suspended coroutine, so health checks and other clients are always answered. A client that cancels (or
+whose deadline passes) has its coroutine cancelled, which withdraws its queued work (core.py).
+"""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
+from atop_server.core import Call
 from atop_server.grpc_errors import HANDLED, code_of
 from atop_server.metrics import Metrics
 
 log = logging.getLogger("atop_server")
 
 
-def cancellation_token(context: grpc.ServicerContext) -> Future:
-    """A future that completes when the RPC ends for any reason (the core stops waiting when it is done)."""
-    token: Future = Future()
-
-    def finish() -> None:
-        with contextlib.suppress(InvalidStateError):
-            token.set_result(None)
-
-    context.add_callback(finish)
-    return token
-
-
-def time_left(context: grpc.ServicerContext) -> float | None:
-    """Seconds to the client's deadline; None without one (grpc reports a huge number then)."""
+def call_of(context: grpc.aio.ServicerContext) -> Call:
+    """The fairness key (the client's connection) and the deadline (grpc reports a huge number without one)."""
     remaining = context.time_remaining()
-    return None if remaining is None or remaining > 1e7 else max(remaining, 0.0)
+    deadline = None if remaining is None or remaining > 1e7 else time.monotonic() + max(remaining, 0.0)
+    return Call(client=context.peer(), deadline=deadline)
 
 
 def request_id(given: str) -> str:
     return given or uuid.uuid4().hex[:16]
 
 
-def rpc(method: str, metrics: Metrics, model_of: Callable[[Any], str] = lambda request: "") -> Callable:
-    """Wrap a unary handler: serving errors become their status code with the error's message; every call is
-    counted and timed; failures are logged as one JSON line with the request id."""
+def failure(method: str, model: str, request: Any, error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status code and message of a failed request, logged as one JSON line with the request id. An
+    unexpected error (a bug) is logged with its traceback and answered INTERNAL without internals."""
+    code = code_of(error)
+    record = {
+        "event": "request_failed",
+        "method": method,
+        "model": model,
+        "id": getattr(request, "id", "") or getattr(request, "request_id", ""),
+        "code": code.name,
+        "error": str(error),
+    }
+    if isinstance(error, HANDLED):
+        log.warning(json.dumps(record))
+        return code, str(error)
+    log.error(json.dumps(record), exc_info=error)
+    return code, f"internal error ({type(error).__name__}), logged by the server"
 
-    def decorate(handler: Callable) -> Callable:
+
+def rpc(method: str, metrics: Metrics, model_of: Callable[[Any], str] = lambda request: "") -> Callable:
+    """Wrap a unary handler: errors become their status code with a message; every call is counted and timed."""
+
+    def decorate(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         @functools.wraps(handler)
-        def wrapped(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        async def wrapped(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
             started, model = time.monotonic(), metrics.model_label(model_of(request))
             code = grpc.StatusCode.OK
             try:
-                return handler(self, request, context)
-            except HANDLED as error:
-                code = code_of(error)
-                log.warning(
-                    json.dumps(
-                        {
-                            "event": "request_failed",
-                            "method": method,
-                            "model": model,
-                            "id": getattr(request, "id", "") or getattr(request, "request_id", ""),
-                            "code": code.name,
-                            "error": str(error),
-                        }
-                    )
-                )
-                context.abort(code, str(error))
+                return await handler(self, request, context)
+            except Exception as error:  # noqa: BLE001 - every failure becomes a status; bugs are logged as such
+                code, message = failure(method, model, request, error)
             finally:
                 metrics.requests.labels(method, model, code.name).inc()
                 metrics.request_seconds.labels(method, model).observe(time.monotonic() - started)
+            await context.abort(code, message)
 
         return wrapped
 
     return decorate
+
+
+async def answer_each(
+    method: str,
+    metrics: Metrics,
+    requests: AsyncIterator[Any],
+    handle: Callable[[Any], Awaitable[Any]],
+    on_error: Callable[[Any, grpc.StatusCode, str], Any],
+    model_of: Callable[[Any], str],
+) -> AsyncIterator[Any]:
+    """A stream's responses, one per request in order: a failed request is answered by on_error(request, code,
+    message) and the stream goes on; only the client ending, cancelling or its deadline passing ends it."""
+    async for request in requests:
+        started, model = time.monotonic(), metrics.model_label(model_of(request))
+        try:
+            response = await handle(request)
+            code = grpc.StatusCode.OK
+        except Exception as error:  # noqa: BLE001 - one message's failure is answered, the stream goes on
+            code, message = failure(method, model, request, error)
+            response = on_error(request, code, message)
+        metrics.requests.labels(method, model, code.name).inc()
+        metrics.request_seconds.labels(method, model).observe(time.monotonic() - started)
+        yield response

@@ -2,7 +2,7 @@
 
 onnxruntime's random ops (RandomNormalLike, RandomUniformLike) without a `seed` attribute take their seed
 from a process-wide default when the session is created: two sessions created in one process repeat each
-other's draws exactly (DESIGN.md section 5). A randomized defense whose draws an attacker can predict is
+other's draws exactly (docs/design.md section 5). A randomized defense whose draws an attacker can predict is
 no defense, so every session is created right after reseeding that default from the OS's entropy pool.
 """
 
@@ -37,7 +37,7 @@ def create_session(
     options = ort.SessionOptions()
     options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization_level]
     options.intra_op_num_threads = intra_op_threads
-    # Idle worker threads spinning burned 1.5 cores at low load (DESIGN.md section 5): let them sleep.
+    # Idle worker threads spinning burned 1.5 cores at low load (docs/design.md section 5): let them sleep.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model if isinstance(model, bytes) else str(model)
     with _SEED_LOCK:

@@ -23,7 +23,7 @@ import numpy as np
 import tritonclient.grpc as triton
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "triton"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/serving.py, not this file
 from serving import start_server
 
 from atop_server.repository import load_model

@@ -11,7 +11,6 @@ import sys
 import tarfile
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -21,6 +20,7 @@ from atop_clients import AsyncAtopClient, AtopClient, ClientConfig
 from atop_clients.cli import main as classify
 from atop_proto import grpc_service_pb2_grpc
 from atop_server.app import Server, ServerConfig
+from atop_server.batcher import BatcherConfig
 from atop_server.core import CoreConfig, InferenceCore
 from atop_server.kserve import KServeService
 from atop_server.metrics import Metrics
@@ -30,7 +30,13 @@ from atop_server.metrics import Metrics
 def server(tiny_repository):
     running = Server(
         ServerConfig(
-            core=CoreConfig(tiny_repository, models=("tiny", "tiny_uint8")), port=0, metrics_port=-1, grace_seconds=5
+            # The clients, not admission control, are tested here: no refusals because a busy machine runs slowly.
+            core=CoreConfig(
+                tiny_repository, models=("tiny", "tiny_uint8"), batcher=BatcherConfig(max_queue_wait_seconds=600)
+            ),
+            port=0,
+            metrics_port=-1,
+            grace_seconds=5,
         )
     )
     running.start()
@@ -246,29 +252,38 @@ class FlakyService(KServeService):
         self.calls = 0
         real = self.ModelInfer
 
-        def flaky(request, context):
+        async def flaky(request, context):
             self.calls += 1
             if self.calls <= 2:
-                context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
-            return real(request, context)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+            return await real(request, context)
 
         self.ModelInfer = flaky
 
 
 @contextlib.contextmanager
 def serving(service_class: type[KServeService], repository: Path) -> Iterator[tuple[str, KServeService]]:
-    """A real gRPC server on a free port running `service_class` over a real core serving the model tiny."""
+    """A real grpc.aio server on a free port, on its own event loop (as atop-serve runs it), running
+    `service_class` over a real core serving the model tiny."""
     core = InferenceCore(CoreConfig(repository, models=("tiny",)))
     core.start()
     service = service_class(core, Metrics(), 64)
-    server = grpc.server(ThreadPoolExecutor(8))
-    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    async def start() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server()
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result()
     try:
         yield f"127.0.0.1:{port}", service
     finally:
-        server.stop(0)
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
         core.close()
 
 
@@ -292,9 +307,9 @@ class SlowService(KServeService):
         super().__init__(*args)
         real = self.ModelInfer
 
-        def slow(request, context):
-            threading.Event().wait(0.25)
-            return real(request, context)
+        async def slow(request, context):
+            await asyncio.sleep(0.25)
+            return await real(request, context)
 
         self.ModelInfer = slow
 

@@ -7,7 +7,7 @@ import torch
 import torchattacks
 
 from atop_models.attacks import FGSM, PGD, EOTGradient
-from atop_models.checkpoint import load_model, save_model
+from atop_models.checkpoint import load_model, read_config, save_model
 from atop_models.data import load_split
 from atop_models.evaluation import attacks as eval_attacks
 from atop_models.evaluation.clean import main as clean_accuracy_main
@@ -166,6 +166,7 @@ def test_atop_eval_writes_report_and_resumes(trained, tmp_path):
         assert worst["attacks"] == ["pgd-eot (3 steps, EOT 2)", "fgsm (EOT 2)"]
         assert worst["robust_accuracy"] <= worst["strongest_single"]
     assert all(len(r["robust_mask"]) == r["n"] == 16 for r in results["rows"])
+    assert results["checkpoints"]["classifier"]["sha256"] == read_config(args[1])["weights_sha256"]
     checks = {c["check"] for c in results["sanity_checks"]}
     assert {"iterative >= single-step", "white-box >= transfer", "accuracy -> ~0 at large epsilon"} <= checks
     report = (tmp_path / "eval" / "report.md").read_text()
@@ -218,7 +219,7 @@ def test_clean_accuracy_command_is_seeded_and_matches_the_classifier(trained, tm
     out, classifier, x, y, folder = trained
     args = ["--classifier", str(out / "cls" / "classifier"), "--atop", str(out / "purifier")]
     args += ["--data-source", str(folder), "--data-cache-dir", str(out / "cache")]
-    args += ["--defenses", "undefended", "rt+atop@2"]
+    args += ["--defenses", "undefended", "rt+atop@2", "--agreement"]
     clean_accuracy_main([*args, "--out", str(tmp_path / "a.json")])
     clean_accuracy_main([*args, "--out", str(tmp_path / "b.json")])
     first, second = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
@@ -228,4 +229,8 @@ def test_clean_accuracy_command_is_seeded_and_matches_the_classifier(trained, tm
     assert undefended["n"] == defended["n"] == len(y)
     assert undefended["clean_accuracy"] == pytest.approx(accuracy(classifier, x, y))
     assert defended["ci95"][0] <= defended["clean_accuracy"] <= defended["ci95"][1]
+    assert undefended["top1_agreement"] == 1.0  # deterministic: a second pass answers the same
     assert "atop_models.evaluation.clean" in first["command"]
+    sha = json.loads((out / "purifier.json").read_text())["weights_sha256"]
+    assert first["checkpoints"]["atop"] == {"path": str(out / "purifier"), "sha256": sha}
+    assert set(first["checkpoints"]) == {"classifier", "atop"}

@@ -6,11 +6,14 @@ from atop_models.layers import ContextualAttention
 from atop_models.purifiers import PURIFIERS
 from atop_models.rt import RandomTransform, RTConfig
 
+ARCHS = {"deepfillv2": {"cnum": 8}, "unet": {"width": 8, "groups": 4}}
+
 
 @pytest.mark.parametrize("size", [32, 256])
-def test_generator_shapes_and_range(size):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generator_shapes_and_range(size, arch):
     torch.manual_seed(0)
-    generator = PURIFIERS.create("deepfillv2", cnum=8)
+    generator = PURIFIERS.create(arch, **ARCHS[arch])
     x_rt, mask = RandomTransform(RTConfig())(torch.rand(2, 3, size, size))
     coarse, refined = generator(x_rt, mask)
     assert coarse.shape == refined.shape == (2, 3, size, size)
@@ -24,19 +27,30 @@ def test_default_width_matches_deepfillv2_scale():
     assert sum(p.numel() for p in SNPatchGAN().parameters()) == pytest.approx(5.95e6, rel=0.01)
 
 
-def test_generator_refuses_sizes_it_cannot_process():
-    generator = PURIFIERS.create("deepfillv2", cnum=8)
-    with pytest.raises(ValueError, match="multiple of 8"):
-        generator(torch.rand(1, 3, 36, 36), torch.zeros(1, 1, 36, 36))
+@pytest.mark.parametrize(("arch", "size", "multiple"), [("deepfillv2", 36, 8), ("unet", 34, 4)])
+def test_generator_refuses_sizes_it_cannot_process(arch, size, multiple):
+    generator = PURIFIERS.create(arch, **ARCHS[arch])
+    with pytest.raises(ValueError, match=f"multiple of {multiple}"):
+        generator(torch.rand(1, 3, size, size), torch.zeros(1, 1, size, size))
 
 
-def test_batched_generator_never_mixes_samples():
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_generator_never_mixes_samples(arch):
     torch.manual_seed(0)
-    generator = PURIFIERS.create("deepfillv2", cnum=8).eval()
+    generator = PURIFIERS.create(arch, **ARCHS[arch]).eval()
     x_rt, mask = RandomTransform(RTConfig())(torch.rand(5, 3, 32, 32), torch.Generator().manual_seed(1))
     together = generator(x_rt, mask)[1]
     alone = torch.cat([generator(x_rt[i : i + 1], mask[i : i + 1])[1] for i in range(5)])
     assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_untrained_unet_is_the_identity_on_visible_pixels():
+    generator = PURIFIERS.create("unet", width=8, groups=4)
+    x_rt, mask = RandomTransform(RTConfig())(torch.rand(3, 3, 32, 32), torch.Generator().manual_seed(0))
+    coarse, refined = generator(x_rt, mask)
+    assert torch.equal(coarse, refined)  # one stage: its output twice
+    assert torch.allclose(refined * (1 - mask), x_rt * (1 - mask), atol=1e-6)  # zero-initialized head
+    assert torch.allclose(refined * mask, 0.5 * mask)  # holes start mid-grey ([-1,1] zero)
 
 
 def test_contextual_attention_fills_holes_from_known_patches_only():

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from atop_models.checkpoint import load_state
 from atop_models.classifiers import CLASSIFIERS
 from atop_models.train import classifier as classifier_training
 from atop_models.train import purifier as purifier_training
@@ -225,6 +226,21 @@ def test_interrupted_run_resumes_mid_epoch(synthetic_folder, tmp_path):
     assert [m["epoch"] for m in metrics(run_path)] == [1, 2]
     done, _ = attempt(stop_after=None)
     assert done == 0  # already finished: nothing redone
+
+    # The resumed run ends exactly where an uninterrupted one does: weights, BN statistics, the Lookahead
+    # average and the optimizer's momentum were all restored, not only the step count.
+    resumed = load_state(run_path / "state.safetensors")["task"]
+    uninterrupted_path = tmp_path / "uninterrupted"
+    run = RunDir(uninterrupted_path, CPU)
+    run.start("classifier", config, restart=True)
+    task, loader = classifier_training.build(config, CPU, uninterrupted_path)
+    fit(task, loader, run, CPU, config.epochs, config.seed, checkpoint_minutes=60.0, resume=False)
+    expected = task.state_dict()
+    for part in ("model", "lookahead"):
+        for name, value in expected[part].items():
+            assert torch.equal(resumed[part][name], value), f"{part}.{name}"
+    for key, value in expected["optimizer"]["state"].items():
+        assert torch.equal(resumed["optimizer"]["state"][key]["momentum_buffer"], value["momentum_buffer"])
 
     other = classifier_training.ClassifierConfig(data=config.data, batch_size=16)
     with pytest.raises(SystemExit, match="another config"):

@@ -6,7 +6,9 @@ import json
 import pytest
 
 from atop_clients.cli import main as classify
-from atop_server.app import DEFAULT_REPOSITORY, Server, ServerConfig
+from atop_server.app import Server, ServerConfig
+from atop_server.batcher import BatcherConfig
+from atop_server.cli import DEFAULT_REPOSITORY
 from atop_server.core import CoreConfig
 
 MODEL = "atop_cifar10"
@@ -19,7 +21,11 @@ FLOOR = {1: 0.51, 4: 0.61}
 
 @pytest.fixture(scope="module")
 def server():
-    running = Server(ServerConfig(core=CoreConfig(DEFAULT_REPOSITORY), port=0, metrics_port=-1, grace_seconds=5))
+    # Accuracy, not admission control, is tested here: on a busy machine the expected wait of 800 queued images
+    # can pass the default 10 s, and the client would give up after its retries.
+    patient = BatcherConfig(max_queue_wait_seconds=600)
+    core = CoreConfig(DEFAULT_REPOSITORY, batcher=patient)
+    running = Server(ServerConfig(core=core, port=0, metrics_port=-1, grace_seconds=5))
     running.start()
     yield f"127.0.0.1:{running.port}"
     running.stop()

@@ -1,6 +1,6 @@
 """Classifiers built by name (``CLASSIFIERS.create(name, num_classes=..., ...)``).
 
-Every classifier takes images in [0,1] and owns its normalization (upstream defect 3 in DESIGN.md), and
+Every classifier takes images in [0,1] and owns its normalization (docs/design.md section 2, fault 3), and
 splits into ``forward_features`` + ``forward_head`` (timm's convention).
 """
 

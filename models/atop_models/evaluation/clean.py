@@ -19,7 +19,7 @@ import torch
 
 from atop_models.checkpoint import read_config
 from atop_models.data import load_split
-from atop_models.evaluate import accuracy
+from atop_models.evaluate import predictions
 from atop_models.evaluation import defenses
 from atop_models.evaluation.runner import wilson95
 from atop_models.train.common import DEFAULT_DATA
@@ -40,6 +40,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="JSON file for the rows (also printed)")
     parser.add_argument("--data-source", default=DEFAULT_DATA)
     parser.add_argument("--data-cache-dir", default=".data")
+    parser.add_argument(
+        "--agreement",
+        action="store_true",
+        help="also draw every image a second time: the share whose top-1 is the same (the answer's stability)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
@@ -53,20 +58,18 @@ def main(argv: list[str] | None = None) -> None:
         model, _ = defenses.build(name, checkpoints, device)
         torch.manual_seed(args.seed)
         started = time.monotonic()
-        correct = round(accuracy(model, data, device, size) * len(data))
-        rows.append(
-            {
-                "defense": name,
-                "n": len(data),
-                "clean_accuracy": correct / len(data),
-                "ci95": wilson95(correct, len(data)),
-                "seconds": round(time.monotonic() - started, 1),
-            }
-        )
+        first = predictions(model, data, device, size)
+        correct = int((first == data.labels).sum())
+        row = {"defense": name, "n": len(data), "clean_accuracy": correct / len(data)}
+        row["ci95"] = wilson95(correct, len(data))
+        if args.agreement:
+            row["top1_agreement"] = float((predictions(model, data, device, size) == first).float().mean())
+        rows.append(row | {"seconds": round(time.monotonic() - started, 1)})
         print(json.dumps(rows[-1]))
     if args.out:
         command = "python -m atop_models.evaluation.clean " + shlex.join(sys.argv[1:] if argv is None else argv)
-        args.out.write_text(json.dumps({"command": command, "data": args.data_source, "rows": rows}, indent=2) + "\n")
+        payload = {"command": command, "data": args.data_source, "checkpoints": defenses.provenance(checkpoints)}
+        args.out.write_text(json.dumps(payload | {"rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

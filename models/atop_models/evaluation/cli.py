@@ -107,7 +107,14 @@ def main(argv: list[str] | None = None) -> None:
             example_defenses.append(name)
     with torch.no_grad():
         payload = report.write(
-            rows, args.out, {"command": command, "data": args.data_source, "example_defenses": example_defenses}
+            rows,
+            args.out,
+            {
+                "command": command,
+                "data": args.data_source,
+                "checkpoints": defenses.provenance(checkpoints),
+                "example_defenses": example_defenses,
+            },
         )
     for row in payload["rows"]:
         print(

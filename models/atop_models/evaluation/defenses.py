@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from atop_models.checkpoint import load_model
+from atop_models.checkpoint import load_model, read_config
 from atop_models.pipeline import DefendedClassifier, PipelineConfig
 from atop_models.rt import RandomTransform, RTConfig
 
@@ -26,6 +26,13 @@ class Checkpoints:
     classifier: str
     pretrained: str = ""  # purifier checkpoint before AToP
     atop: str = ""  # AToP fine-tuned purifier checkpoint
+
+
+def provenance(checkpoints: Checkpoints) -> dict[str, dict[str, str]]:
+    """What a figure was measured on: each given checkpoint's path and weights sha256 (results files record it,
+    and a test ties the published figures to the shipped models through it)."""
+    given = {"classifier": checkpoints.classifier, "pretrained": checkpoints.pretrained, "atop": checkpoints.atop}
+    return {role: {"path": path, "sha256": read_config(path)["weights_sha256"]} for role, path in given.items() if path}
 
 
 def parse(name: str) -> tuple[str, int]:

@@ -2,7 +2,7 @@
 
 Input convention (as DeepFillv2): 5 channels = masked image in [-1,1] (holes 0), a ones channel, the mask.
 The module's public interface works on [0,1] images: ``forward(x, mask) -> (coarse, refined)`` in [0,1],
-so no caller ever has to remember the [-1,1] convention (upstream defect 3 in DESIGN.md).
+so no caller ever has to remember the [-1,1] convention (docs/design.md section 2, fault 3).
 Any input size divisible by 8 works (two stride-2 stages, then attention at rate 2).
 """
 

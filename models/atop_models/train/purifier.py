@@ -62,9 +62,10 @@ class PurifierTrainConfig:
 @dataclass(frozen=True)
 class PretrainConfig(PurifierTrainConfig):
     lr: float = help_field(1e-3, "Adam learning rate (paper: 1e-4 from Places2 weights; we start from scratch)")
-    arch: str = help_field("deepfillv2", "purifier architecture")
-    cnum: int = help_field(32, "generator width (DeepFillv2: 48; 32 is ~2x cheaper at 32 px)")
-    dilations: tuple[int, ...] = help_field((2, 4, 8, 16), "dilation of each bottleneck convolution")
+    arch: str = help_field("deepfillv2", "purifier architecture: deepfillv2, or unet (skip connections, one stage)")
+    cnum: int = help_field(32, "deepfillv2's width (DeepFillv2: 48; 32 is ~2x cheaper at 32 px)")
+    dilations: tuple[int, ...] = help_field((2, 4, 8, 16), "deepfillv2's dilation of each bottleneck convolution")
+    arch_kwargs: dict = help_field({}, 'other constructor arguments, e.g. {"width": 32} for unet')
 
 
 @dataclass(frozen=True)
@@ -294,7 +295,8 @@ def build(config: PurifierTrainConfig, runtime: Runtime, out: Path) -> tuple[Pur
     if classifier is not None:
         lineage["classifier"] = {"path": config.classifier, "sha256": classifier[1]["weights_sha256"]}
     if isinstance(config, PretrainConfig):
-        g_kwargs = {"cnum": config.cnum, "dilations": list(config.dilations)}
+        g_kwargs = {"cnum": config.cnum, "dilations": list(config.dilations)} if config.arch == "deepfillv2" else {}
+        g_kwargs |= config.arch_kwargs
         generator = (PURIFIERS.create(config.arch, **g_kwargs), config.arch, g_kwargs)
         discriminator = _new_discriminator(config)
     elif isinstance(config, FinetuneConfig):

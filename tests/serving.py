@@ -40,7 +40,7 @@ def start_server(repository: Path, *args: str, timeout: float = 120) -> RunningS
     command = [
         sys.executable,
         "-m",
-        "atop_server.app",
+        "atop_server.cli",
         "--model-repository",
         str(repository),
         "--port",

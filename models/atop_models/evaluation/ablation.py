@@ -1,0 +1,117 @@
+"""The ablation table: one row per trained variant with its clean accuracy, its quick adaptive figure and its
+training cost, from the files the trainer and the evaluators wrote.
+
+  python -m atop_models.evaluation.ablation docs/robustness/ablation/spec.json
+
+The spec lists rows: {"label", "clean": clean-accuracy JSON, "results": atop-eval results.json, "defense": the
+row of both to take, and either "metrics": the run's metrics.jsonl (training seconds summed, plus "base_cpu_hours"
+for the stages it started from) or "cpu_hours": the whole recipe's}.
+Paths are relative to the spec's folder. Writes ablation.md and ablation.png (robust against clean accuracy,
+95% intervals) beside the spec.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+ATTACK = "pgd-eot"
+
+
+def _pick(rows: list[dict], defense: str, source: Path) -> dict:
+    for row in rows:
+        if row["defense"] == defense and row.get("attack_name", ATTACK) == ATTACK and row.get("norm", "linf") == "linf":
+            return row
+    raise SystemExit(f"{source} has no {ATTACK} l_inf row for defense {defense!r}")
+
+
+def _training_hours(metrics: Path) -> float:
+    seconds = sum(json.loads(line)["train_seconds"] for line in metrics.read_text().splitlines() if line.strip())
+    return seconds / 3600
+
+
+def load_rows(spec_path: Path) -> list[dict[str, Any]]:
+    base = spec_path.parent
+    rows = []
+    for entry in json.loads(spec_path.read_text())["rows"]:
+        clean_file, results_file = base / entry["clean"], base / entry["results"]
+        clean = _pick(json.loads(clean_file.read_text())["rows"], entry["defense"], clean_file)
+        robust = _pick(json.loads(results_file.read_text())["rows"], entry["defense"], results_file)
+        if "metrics" in entry:
+            hours = entry.get("base_cpu_hours", 0.0) + _training_hours(base / entry["metrics"])
+        else:
+            hours = entry["cpu_hours"]
+        rows.append(
+            {
+                "label": entry["label"],
+                "clean": clean["clean_accuracy"],
+                "clean_ci95": clean["ci95"],
+                "clean_n": clean["n"],
+                "robust": robust["robust_accuracy"],
+                "robust_ci95": robust["ci95"],
+                "robust_n": robust["n"],
+                "attack": robust["attack"],
+                "cpu_hours": hours,
+            }
+        )
+    return rows
+
+
+def write_table(rows: list[dict[str, Any]], path: Path) -> None:
+    lines = [
+        "| variant | clean (95% CI) | PGD-EOT robust (95% CI) | training, h on 2 cores (all stages) |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | {100 * r['clean']:.1f}% ({100 * r['clean_ci95'][0]:.1f}-{100 * r['clean_ci95'][1]:.1f}, "
+            f"n={r['clean_n']}) | {100 * r['robust']:.1f}% ({100 * r['robust_ci95'][0]:.1f}-"
+            f"{100 * r['robust_ci95'][1]:.1f}, n={r['robust_n']}) | {r['cpu_hours']:.2f} |"
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    figure, axis = plt.subplots(figsize=(7, 5))
+    for r in rows:
+        axis.errorbar(
+            r["clean"],
+            r["robust"],
+            xerr=[[r["clean"] - r["clean_ci95"][0]], [r["clean_ci95"][1] - r["clean"]]],
+            yerr=[[r["robust"] - r["robust_ci95"][0]], [r["robust_ci95"][1] - r["robust"]]],
+            marker="o",
+            capsize=3,
+            label=r["label"],
+        )
+    axis.set_xlabel("clean accuracy (one RT draw)")
+    axis.set_ylabel(f"robust accuracy ({rows[0]['attack'] if rows else ATTACK}, l_inf 8/255)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m atop_models.evaluation.ablation",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("spec", type=Path, help="the spec JSON (rows); outputs go beside it")
+    args = parser.parse_args(argv)
+    rows = load_rows(args.spec)
+    write_table(rows, args.spec.with_name("ablation.md"))
+    plot(rows, args.spec.with_name("ablation.png"))
+    print(args.spec.with_name("ablation.md").read_text(), end="")
+
+
+if __name__ == "__main__":
+    main()
