@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from test_training import CPU, data_config, metrics, pretrain_task
+from test_training import CPU, data_config, metrics, pretrain_task, small_run_options
 
 from atop_models.attacks import FGSM, EOTGradient, NoisyFGSM
 from atop_models.checkpoint import load_model
@@ -112,16 +112,7 @@ def test_cli_pipeline_stage_writes_a_pair_with_its_rt(synthetic_folder, trained_
             "pipeline",
             "--out",
             str(out),
-            "--data-source",
-            str(synthetic_folder),
-            "--data-cache-dir",
-            str(tmp_path / "cache"),
-            "--data-train-images",
-            "32",
-            "--data-eval-images",
-            "16",
-            "--epochs",
-            "1",
+            *small_run_options(synthetic_folder, tmp_path),
             "--batch-size",
             "16",
             "--rt-noise-sigma",

@@ -247,19 +247,14 @@ def test_interrupted_run_resumes_mid_epoch(synthetic_folder, tmp_path):
         RunDir(run_path, CPU).start("classifier", other, restart=False)
 
 
+def small_run_options(folder: Path, tmp_path: Path) -> list[str]:
+    """CLI options of a one-epoch run on 32 training and 16 test images."""
+    data = ["--data-source", str(folder), "--data-cache-dir", str(tmp_path / "cache")]
+    return [*data, "--data-train-images", "32", "--data-eval-images", "16", "--epochs", "1"]
+
+
 def test_cli_runs_the_whole_recipe(synthetic_folder, trained_classifier, tmp_path):
-    common = [
-        "--data-source",
-        str(synthetic_folder),
-        "--data-cache-dir",
-        str(tmp_path / "cache"),
-        "--data-train-images",
-        "32",
-        "--data-eval-images",
-        "16",
-        "--epochs",
-        "1",
-    ]
+    common = small_run_options(synthetic_folder, tmp_path)
     classifier = str(trained_classifier / "classifier")
     main(["pretrain", "--out", str(tmp_path / "pre"), *common, *TINY_PURIFIER, "--classifier", classifier])
     main(
