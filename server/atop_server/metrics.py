@@ -3,9 +3,37 @@ and compute durations) plus a batch-size histogram; served over HTTP on their ow
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from atop_server.batcher import Execution
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow scraper never holds the process open
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not worth a log line each."""
+
+
+def only_metrics(app: Callable) -> Callable:
+    """The metrics app at /metrics and nothing else: any other path is 404, so a health probe aimed at this
+    port by mistake fails instead of seeing 200."""
+
+    def routed(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != "/metrics":
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"not found: the metrics are at /metrics\n"]
+        return app(environ, start_response)
+
+    return routed
 
 
 class Metrics:
@@ -57,6 +85,8 @@ class Metrics:
         self.batch_size.labels(model).observe(execution.batch_size)
 
     def serve(self, host: str, port: int) -> int:
-        """Start the /metrics HTTP endpoint; returns the bound port (port 0 picks a free one)."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        """Start the /metrics HTTP endpoint in a daemon thread; returns the bound port (0 picks a free one)."""
+        app = only_metrics(make_wsgi_app(self.registry))
+        server = make_server(host, port, app, server_class=_ThreadingServer, handler_class=_QuietHandler)
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
         return server.server_address[1]

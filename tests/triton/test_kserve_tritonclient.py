@@ -7,6 +7,7 @@ own process (as in production), and this folder runs in its own pytest process (
 import io
 import json
 import threading
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -189,6 +190,13 @@ def test_concurrent_requests_are_batched(server, client):
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
     assert 'atop_requests_total{code="OK",method="ModelInfer",model="tiny"}' in metrics
     assert "atop_batch_size_bucket" in metrics
+
+
+def test_metrics_port_answers_only_metrics(server):
+    for path in ("/", "/v2/health/ready", "/metricsx"):  # a probe aimed here by mistake must fail
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}{path}")
+        assert missing.value.code == 404
 
 
 def test_grpc_health_and_reflection(server):
