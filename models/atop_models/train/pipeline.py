@@ -30,6 +30,7 @@ from atop_models.train.adversarial import AdversarialConfig
 from atop_models.train.classifier import airbench_sgd, triangle
 from atop_models.train.common import DataConfig
 from atop_models.train.options import help_field
+from atop_models.train.purifier import l1_loss
 from atop_models.train.runtime import Runtime
 
 
@@ -74,10 +75,6 @@ class Loaded:
     model: nn.Module
     record: dict[str, Any]
     path: str
-
-
-def _l1(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return 2.0 * (prediction - target).abs().mean()  # the [-1,1] scale, as in purifier training
 
 
 class PipelineTask:
@@ -131,7 +128,7 @@ class PipelineTask:
         loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
         metrics["ce"] = loss.item()
         if self.purifier_optimizer is not None:
-            l1 = _l1(coarse, x) + _l1(refined, x)
+            l1 = l1_loss(coarse, x) + l1_loss(refined, x)
             loss = loss + config.l1_weight * l1
             metrics["l1"] = l1.item()
             self.purifier_optimizer.zero_grad(set_to_none=True)

@@ -89,7 +89,7 @@ class FinetuneConfig(PurifierTrainConfig):
     eval_robust_images: int = help_field(64, "test images attacked (PGD-EOT through the pipeline) after each epoch")
 
 
-def _l1(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def l1_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 2.0 * (prediction - target).abs().mean()  # x2: the [-1,1] scale that upstream's loss weights assume
 
 
@@ -163,7 +163,7 @@ class PurifierTask:
         self.D.requires_grad_(False)
         g_gan = hinge_g_loss(self.D(out, mask))
         self.D.requires_grad_(True)
-        l1_coarse, l1_refine = _l1(coarse, x), _l1(refined, x)
+        l1_coarse, l1_refine = l1_loss(coarse, x), l1_loss(refined, x)
         loss = self.config.gan_weight * g_gan
         loss = loss + self.config.l1_coarse_weight * l1_coarse + self.config.l1_refine_weight * l1_refine
         metrics = {
