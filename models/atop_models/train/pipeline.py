@@ -219,13 +219,11 @@ def build(config: PipelineTrainConfig, runtime: Runtime, out: Path) -> tuple[Pip
     classifier = Loaded(*load_model(config.classifier, "classifier"), config.classifier)
     purifier = Loaded(*load_model(config.purifier, "purifier"), config.purifier)
     size = classifier.record["image_size"]
-    if (
-        purifier.record["image_size"] != size
-        or purifier.record.get("classes", classifier.record["classes"]) != (classifier.record["classes"])
-    ):
+    classes = classifier.record["classes"]
+    if purifier.record["image_size"] != size or purifier.record.get("classes", classes) != classes:
         raise SystemExit(f"{config.purifier} and {config.classifier} differ in image size or classes")
     train, test = config.data.load()
-    if train.classes != classifier.record["classes"]:
+    if train.classes != classes:
         raise SystemExit(f"classifier {config.classifier} was trained on other classes than {config.data.source}")
     loader_config = LoaderConfig(
         batch_size=config.batch_size, image_size=size, augment=True, crop_pad=config.crop_pad, flip="random"
