@@ -1,7 +1,7 @@
 # AToP Serve images (multi-stage). Targets:
 #   serve    (default) the gRPC server + the shipped model repository; onnxruntime-gpu, no torch, no compilers
 #            podman build -t atop-serve .
-#            podman run --gpus all -p 8001:8001 -p 8002:8002 atop-serve
+#            podman run --gpus all -p 8000:8000 -p 8001:8001 -p 8002:8002 atop-serve
 #   trainer  PyTorch (CUDA build from PyPI) + atop-train / atop-export / atop-eval, for GPU training jobs
 #            podman build --target trainer -t atop-trainer .
 #
@@ -89,12 +89,12 @@ COPY model_repository/ /models/
 RUN useradd --create-home --uid 10001 atop
 USER 10001
 ENV PATH=/opt/venv/bin:$PATH \
-    ATOP_MODEL_REPOSITORY=/models ATOP_HOST=0.0.0.0 ATOP_PORT=8001 \
+    ATOP_MODEL_REPOSITORY=/models ATOP_HOST=0.0.0.0 ATOP_HTTP_PORT=8000 ATOP_PORT=8001 \
     ATOP_METRICS_HOST=0.0.0.0 ATOP_METRICS_PORT=8002
 # TLS and tokens: ATOP_GRPC_USE_SSL=true ATOP_GRPC_SERVER_CERT=... ATOP_GRPC_SERVER_KEY=... ATOP_AUTH_TOKEN_FILE=...
 # (files mounted from secrets, SECURITY.md); ATOP_HEALTH_PORT=8003 then serves plaintext health for probes
 # and for HEALTHCHECK below.
-EXPOSE 8001 8002 8003
+EXPOSE 8000 8001 8002 8003
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 CMD ["python", "-m", "atop_server.healthcheck"]
 STOPSIGNAL SIGTERM
 # The server handles SIGTERM itself (drain, then exit 0), also as PID 1.

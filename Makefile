@@ -10,7 +10,7 @@ RUN := $(UV) run --frozen
 
 help:
 	@echo "make serve           start the gRPC server on the shipped default model (installs the serving side only)"
-	@echo "                     variables: MODEL_REPOSITORY=DIR HOST=0.0.0.0 PORT=8001 METRICS_PORT=8002 (-1: off)"
+	@echo "                     variables: MODEL_REPOSITORY=DIR HOST=0.0.0.0 PORT=8001 HTTP_PORT=8000 METRICS_PORT=8002"
 	@echo "make serve-install   install only the serving side into .venv: server, clients, proto (no torch)"
 	@echo "make install         install every workspace package into .venv: also the trainer and exporter (torch)"
 	@echo "make test            lint + the whole test suite"
@@ -114,14 +114,15 @@ export: install
 serve-install: | $(UV)
 	$(UV) sync --frozen --inexact --no-dev --package atop-server --package atop-clients
 
-# HOST, PORT, METRICS_PORT: passed on when given, else atop-serve's defaults (and ATOP_* variables) hold.
+# HOST, PORT, HTTP_PORT, METRICS_PORT: passed on when given, else atop-serve's defaults (and ATOP_* variables) hold.
 serve: serve-install
 	@if [ ! -d "$(MODEL_REPOSITORY)" ]; then \
 	  echo "No model repository at $(MODEL_REPOSITORY): 'make export' rebuilds the default one from $(ZOO);" >&2; \
 	  echo "serve your own with atop-export ... --repository DIR, then make serve MODEL_REPOSITORY=DIR" >&2; \
 	  exit 2; fi
 	$(UV) run --no-sync atop-serve --model-repository $(MODEL_REPOSITORY) $(if $(HOST),--host $(HOST)) \
-	    $(if $(PORT),--port $(PORT)) $(if $(METRICS_PORT),--metrics-port $(METRICS_PORT))
+	    $(if $(PORT),--port $(PORT)) $(if $(HTTP_PORT),--http-port $(HTTP_PORT)) \
+	    $(if $(METRICS_PORT),--metrics-port $(METRICS_PORT))
 
 # Serving throughput/latency as ratios to in-process onnxruntime (tests/bench/serving.py).
 bench: install

@@ -17,6 +17,7 @@ class RunningServer:
     process: subprocess.Popen
     grpc_port: int
     metrics_port: int
+    http_port: int
     log: list[str] = field(default_factory=list)
 
     @property
@@ -47,6 +48,8 @@ def start_server(repository: Path, *args: str, timeout: float = 120) -> RunningS
         "0",
         "--metrics-port",
         "0",
+        "--http-port",
+        "0",
         *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -66,4 +69,4 @@ def start_server(repository: Path, *args: str, timeout: float = 120) -> RunningS
         raise RuntimeError(f"atop-serve exited with {process.wait()}:\n" + "".join(log))
     # Keep draining its log so that the pipe never fills and blocks the server.
     threading.Thread(target=lambda: log.extend(process.stderr), daemon=True).start()  # type: ignore[arg-type]
-    return RunningServer(process, event["grpc_port"], event["metrics_port"], log)
+    return RunningServer(process, event["grpc_port"], event["metrics_port"], event["http_port"], log)

@@ -23,7 +23,7 @@ def test_dockerfile_is_hadolint_clean():
 
 def test_dockerfile_promises():
     text = (REPO / "Dockerfile").read_text()
-    assert "EXPOSE 8001 8002" in text and "STOPSIGNAL SIGTERM" in text and "USER 10001" in text
+    assert "EXPOSE 8000 8001 8002" in text and "STOPSIGNAL SIGTERM" in text and "USER 10001" in text
     assert "atop_server.healthcheck" in text and "ARG BASE_IMAGE=nvidia/cuda:" in text
     serve = text[text.index("AS serve\n") :]
     assert "torch" not in serve.lower().replace("no torch", "")
@@ -47,7 +47,7 @@ def test_deployment_probes_ports_resources_and_service():
     assert docs["Deployment"]["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     (container,) = pod["spec"]["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": 8001, "metrics": 8002, "health": 8003}
+    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002, "health": 8003}
     env = {e["name"]: e["value"] for e in container["env"]}
     assert int(env["ATOP_HEALTH_PORT"]) == ports["health"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):  # kubelet's gRPC probes: no TLS, no token
@@ -58,7 +58,7 @@ def test_deployment_probes_ports_resources_and_service():
     assert pod["spec"]["securityContext"]["runAsUser"] == 10001
     service = docs["Service"]["spec"]
     assert service["selector"].items() <= pod["metadata"]["labels"].items()
-    assert {p["targetPort"] for p in service["ports"]} == {"grpc", "metrics"}
+    assert {p["targetPort"] for p in service["ports"]} == {"http", "grpc", "metrics"}
     target = docs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", docs["Deployment"]["metadata"]["name"])
 

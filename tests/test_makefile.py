@@ -34,7 +34,7 @@ def test_serve_installs_the_serving_side_only():
 
 
 def test_serve_takes_host_port_and_metrics_port(tiny_repository):
-    variables = [f"MODEL_REPOSITORY={tiny_repository}", "HOST=127.0.0.1", "PORT=0", "METRICS_PORT=0"]
+    variables = [f"MODEL_REPOSITORY={tiny_repository}", "HOST=127.0.0.1", "PORT=0", "HTTP_PORT=0", "METRICS_PORT=0"]
     process = subprocess.Popen(
         ["make", "-s", "-C", str(REPO), "serve", *variables],
         stderr=subprocess.PIPE,
@@ -56,3 +56,4 @@ def test_serve_takes_host_port_and_metrics_port(tiny_repository):
     assert serving, "make serve did not start:\n" + "".join(log)
     assert serving["grpc"] == f"127.0.0.1:{serving['grpc_port']}" and serving["grpc_port"] > 0  # not 8001
     assert serving["metrics_port"] > 0 and serving["metrics_port"] != 8002 and "tiny" in serving["models"]
+    assert serving["http_port"] > 0 and serving["http_port"] != 8000

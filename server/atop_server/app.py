@@ -1,4 +1,5 @@
-"""The server: KServe v2 + atop.v1.Classifier + health + reflection on grpc.aio, and the metrics port.
+"""The server: KServe v2 + atop.v1.Classifier + health + reflection on grpc.aio, the KServe v2 REST API on the
+same loop (http/), and the metrics port.
 
 Stopping: health turns NOT_SERVING, new requests are refused, in-flight ones finish within the grace period
 (then they are cancelled, whatever the streams do), the batchers finish what they run. cli.py is the command.
@@ -25,6 +26,7 @@ from atop_proto import classify_pb2, classify_pb2_grpc, grpc_service_pb2, grpc_s
 from atop_server.auth import AuthConfig, TokenAuthInterceptor
 from atop_server.classify_service import ClassifierService
 from atop_server.core import CoreConfig, InferenceCore
+from atop_server.http import HttpConfig, HttpServer
 from atop_server.kserve import KServeService
 from atop_server.metrics import Metrics
 
@@ -60,6 +62,7 @@ class ServerConfig:
     health_services: tuple[str, ...] = field(default=SERVICES)
     tls: TlsConfig | None = None
     auth: AuthConfig = field(default_factory=AuthConfig)
+    http: HttpConfig | None = None  # the REST API on host (same TLS, tokens, limits); None: gRPC only
 
 
 class StartupError(Exception):
@@ -108,6 +111,7 @@ class Server:
         self._thread.start()
         try:
             self.port = self._on_loop(self._bind())
+            self.http_port = self._on_loop(self._bind_http())
             self.metrics_port = self._serve_metrics()
         except BaseException:
             self._close_loop()
@@ -132,9 +136,8 @@ class Server:
         ]
         interceptors = [TokenAuthInterceptor(config.auth)] if config.auth.tokens else []
         self.grpc = grpc.aio.server(options=options, interceptors=interceptors)
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            KServeService(self.core, self.metrics, config.core.max_images_per_request), self.grpc
-        )
+        self.kserve = KServeService(self.core, self.metrics, config.core.max_images_per_request)
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.kserve, self.grpc)
         classify_pb2_grpc.add_ClassifierServicer_to_server(ClassifierService(self.core, self.metrics), self.grpc)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -157,6 +160,23 @@ class Server:
             flags = "--health-port, ATOP_HEALTH_PORT"
             self.health_port = _listen(self.health_grpc, "health", config.host, config.health_port, None, flags)
         return port
+
+    async def _bind_http(self) -> int:
+        """The REST port (-1 without one); it answers at once, ready only once the models are (as gRPC)."""
+        config = self.config
+        self.http: HttpServer | None = None
+        if config.http is None:
+            return -1
+        self.http = HttpServer(
+            config.http, self.kserve, self.metrics, config.max_message_bytes, config.auth, config.tls
+        )
+        try:
+            return await self.http.start(config.host, config.grace_seconds)
+        except OSError as error:
+            raise StartupError(
+                f"cannot bind HTTP to {config.host}:{config.http.port}: {error.strerror} "
+                "(--http-port, ATOP_HTTP_PORT; -1 turns HTTP off)"
+            ) from None
 
     def _serve_metrics(self) -> int:
         if self.config.metrics_port < 0:
@@ -188,11 +208,15 @@ class Server:
                     "event": "serving",
                     "grpc": f"{self.config.host}:{self.port}",
                     "grpc_port": self.port,
+                    "http_port": self.http_port,
                     "metrics_port": self.metrics_port,
                     "health_port": self.health_port,
                     "tls": None if self.config.tls is None else ("mutual" if self.config.tls.mutual else "server"),
                     "auth": "bearer tokens" if self.config.auth.tokens else None,
                     # where to look, for a person reading the first log line of `make serve`
+                    "http": f"{'https' if self.config.tls else 'http'}://{self.config.host}:{self.http_port}/"
+                    if self.http_port >= 0
+                    else None,
                     "metrics": f"http://{self.config.metrics_host}:{self.metrics_port}/metrics"
                     if self.metrics_port >= 0
                     else None,
@@ -207,7 +231,8 @@ class Server:
     async def _stop_grpc(self) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         # After the grace period grpc cancels every RPC still running, streams included: shutdown is bounded.
-        await self.grpc.stop(self.config.grace_seconds)
+        # HTTP drains alongside, within the same grace period.
+        await asyncio.gather(self.grpc.stop(self.config.grace_seconds), *([self.http.stop()] if self.http else []))
         if self.health_grpc is not None:
             await self.health_grpc.stop(0)
 

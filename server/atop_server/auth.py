@@ -1,6 +1,7 @@
-"""Bearer-token authentication of gRPC calls: `authorization: Bearer <token>` metadata, checked against the
-configured tokens in constant time. Health checking stays open (probes carry no token); reflection is open
-only when asked. Without tokens configured, every call is let through (the interceptor is not installed).
+"""Bearer-token authentication of gRPC calls (and of HTTP requests: http/server.py): `authorization: Bearer
+<token>`, checked against the configured tokens in constant time. Health checking stays open (probes carry no
+token); reflection is open only when asked. Without tokens configured, every call is let through (the
+interceptor is not installed).
 """
 
 from __future__ import annotations
@@ -36,6 +37,15 @@ def read_tokens(text: str, separator: str | None = None) -> frozenset[str]:
     return frozenset(part.strip() for part in parts if part.strip())
 
 
+def authorized(values: list, tokens: list[bytes]) -> bool:
+    """Whether the authorization values (gRPC metadata or HTTP headers) are exactly one known bearer token."""
+    if len(values) != 1 or not isinstance(values[0], str) or not values[0].startswith("Bearer "):
+        return False
+    given = values[0].removeprefix("Bearer ").strip().encode()
+    # Every token is compared (constant time each), so the time taken says nothing about which matched.
+    return sum(hmac.compare_digest(given, token) for token in tokens) > 0
+
+
 def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same kind as the method's that answers UNAUTHENTICATED without reading the request."""
 
@@ -60,12 +70,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         return method.startswith(_HEALTH) or (self.config.public_reflection and method.startswith(_REFLECTION))
 
     def _authorized(self, metadata: tuple) -> bool:
-        values = [value for key, value in metadata or () if key == "authorization"]
-        if len(values) != 1 or not isinstance(values[0], str) or not values[0].startswith("Bearer "):
-            return False
-        given = values[0].removeprefix("Bearer ").strip().encode()
-        # Every token is compared (constant time each), so the time taken says nothing about which matched.
-        return sum(hmac.compare_digest(given, token) for token in self._tokens) > 0
+        return authorized([value for key, value in metadata or () if key == "authorization"], self._tokens)
 
     async def intercept_service(
         self,

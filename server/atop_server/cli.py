@@ -1,4 +1,5 @@
-"""atop-serve: serve a model repository over gRPC (KServe v2 + atop.v1.Classifier), with metrics over HTTP.
+"""atop-serve: serve a model repository over gRPC (KServe v2 + atop.v1.Classifier) and the KServe v2 REST API
+over HTTP (same core, limits, TLS and tokens), with metrics on a port of their own.
 
 Every option is also an environment variable ATOP_<OPTION> (e.g. ATOP_PORT=8001), for containers; bearer
 tokens come from --auth-token-file and/or ATOP_AUTH_TOKENS (comma-separated). Every option is checked at
@@ -25,6 +26,7 @@ from atop_server.app import Server, ServerConfig, StartupError, TlsConfig
 from atop_server.auth import AuthConfig, read_tokens
 from atop_server.batcher import BatcherConfig
 from atop_server.core import CoreConfig
+from atop_server.http import HttpConfig
 from atop_server.repository import ModelLoadError, ModelNotFoundError
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
@@ -102,6 +104,8 @@ OPTIONS: list[tuple[str, Callable[[str], Any], object, str]] = [
     ("default_model", text, "", "model for atop.v1.Classifier requests that name none"),
     ("host", nonempty, "127.0.0.1", "gRPC address to bind (0.0.0.0 in containers)"),
     ("port", PORT, 8001, "gRPC port (0: a free one, logged)"),
+    ("http_port", integer(-1, 65535), 8000, "KServe v2 REST API port, on --host (0: a free one; -1: off)"),
+    ("http_timeout_seconds", number(0.001), 30.0, "HTTP: a body must arrive, an idle connection start a request"),
     ("metrics_host", nonempty, "127.0.0.1", "Prometheus metrics address"),
     ("metrics_port", integer(-1, 65535), 8002, "Prometheus metrics port (0: a free one; -1: off)"),
     ("health_port", integer(-1, 65535), -1, "grpc.health.v1 alone, plaintext, for probes (-1: off; 0: a free one)"),
@@ -220,7 +224,12 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
     args = parser.parse_args(argv)
     if not args.model_repository.is_dir():
         parser.error(f"--model-repository {args.model_repository}: no such folder (ATOP_MODEL_REPOSITORY)")
-    ports = {"--port": args.port, "--metrics-port": args.metrics_port, "--health-port": args.health_port}
+    ports = {
+        "--port": args.port,
+        "--http-port": args.http_port,
+        "--metrics-port": args.metrics_port,
+        "--health-port": args.health_port,
+    }
     chosen = [(flag, port) for flag, port in ports.items() if port > 0]
     for i, (flag, port) in enumerate(chosen):
         for other, same in chosen[i + 1 :]:
@@ -257,6 +266,7 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
         grace_seconds=args.grace_seconds,
         tls=_tls(parser, args),
         auth=_auth(parser, args),
+        http=HttpConfig(args.http_port, args.http_timeout_seconds) if args.http_port >= 0 else None,
     )
 
 

@@ -201,7 +201,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        return await self._infer(request, call_of(context))
+        return await self.infer(request, call_of(context))
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
@@ -211,7 +211,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         call = call_of(context)
 
         async def handle(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
-            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, call))
+            return pb.ModelStreamInferResponse(infer_response=await self.infer(request, call))
 
         def on_error(request: pb.ModelInferRequest, code: grpc.StatusCode, message: str) -> pb.ModelStreamInferResponse:
             return pb.ModelStreamInferResponse(
@@ -223,7 +223,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         ):
             yield response
 
-    async def _infer(self, request: pb.ModelInferRequest, call: Call) -> pb.ModelInferResponse:
+    async def infer(self, request: pb.ModelInferRequest, call: Call) -> pb.ModelInferResponse:
         """validate -> decode -> core -> encode, for one request of either RPC."""
         model = self.core.model(request.model_name, request.model_version)
         with self.core.failures_counted(model):
