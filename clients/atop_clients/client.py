@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import grpc
 
-from atop_clients.protocol import ModelInput, Prediction, infer_request, parse_response
+from atop_clients.protocol import ModelInput, Prediction, Purified, infer_request, parse_purified, parse_response
 from atop_proto import grpc_service_pb2 as pb
 from atop_proto import grpc_service_pb2_grpc as pb_grpc
 
@@ -70,6 +70,12 @@ def _credentials(config: ClientConfig) -> grpc.ChannelCredentials | None:
 
 def _metadata(config: ClientConfig) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {config.token}"),) if config.token else ()
+
+
+def _results(
+    response: pb.ModelInferResponse, count: int, top_k: int, purified: bool
+) -> list[list[Prediction]] | list[Purified]:
+    return parse_purified(response, count, top_k) if purified else parse_response(response, count, top_k)
 
 
 class AtopClient:
@@ -123,11 +129,19 @@ class AtopClient:
         return int(config.parameters["max_draws"].string_value) if "max_draws" in config.parameters else None
 
     def classify(
-        self, images: list[bytes], model: str = "atop_cifar10", top_k: int = 1, request_id: str = "", draws: int = 1
-    ) -> list[list[Prediction]]:
-        """Top-k predictions (best first) for each encoded image; draws > 1 averages that many RT draws."""
-        request = infer_request(self.model_input(model), images, top_k, request_id, draws)
-        return parse_response(self._call(self.stub.ModelInfer, request), len(images), top_k)
+        self,
+        images: list[bytes],
+        model: str = "atop_cifar10",
+        top_k: int = 1,
+        request_id: str = "",
+        draws: int = 1,
+        return_purified: bool = False,
+    ) -> list[list[Prediction]] | list[Purified]:
+        """Top-k predictions (best first) for each encoded image; draws > 1 averages that many RT draws.
+        return_purified: a Purified per image instead (the predictions, the stability over the draws, the RT'd
+        and the purified image of the first draw)."""
+        request = infer_request(self.model_input(model), images, top_k, request_id, draws, return_purified)
+        return _results(self._call(self.stub.ModelInfer, request), len(images), top_k, return_purified)
 
 
 class AsyncAtopClient:
@@ -174,7 +188,13 @@ class AsyncAtopClient:
         return self._inputs[model]
 
     async def classify(
-        self, images: list[bytes], model: str = "atop_cifar10", top_k: int = 1, request_id: str = "", draws: int = 1
-    ) -> list[list[Prediction]]:
-        request = infer_request(await self.model_input(model), images, top_k, request_id, draws)
-        return parse_response(await self._call(self.stub.ModelInfer, request), len(images), top_k)
+        self,
+        images: list[bytes],
+        model: str = "atop_cifar10",
+        top_k: int = 1,
+        request_id: str = "",
+        draws: int = 1,
+        return_purified: bool = False,
+    ) -> list[list[Prediction]] | list[Purified]:
+        request = infer_request(await self.model_input(model), images, top_k, request_id, draws, return_purified)
+        return _results(await self._call(self.stub.ModelInfer, request), len(images), top_k, return_purified)

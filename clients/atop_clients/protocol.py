@@ -26,6 +26,19 @@ class Prediction:
 
 
 @dataclass(frozen=True)
+class Purified:
+    """What the defense did to one image (atop-serve's optional outputs), beside its predictions."""
+
+    predictions: list[Prediction]
+    stability: float  # the share of the draws whose top-1 was the averaged top-1 (1.0 with one draw)
+    rt_image: np.ndarray  # float32 [3,H,W] in [0,1]: the first draw's randomly transformed image
+    purified: np.ndarray  # float32 [3,H,W] in [0,1]: what the purifier made of it, as the classifier saw it
+
+
+IMAGE_OUTPUTS = ("RT_IMAGE", "PURIFIED", "STABILITY")
+
+
+@dataclass(frozen=True)
 class ModelInput:
     model: str
     name: str
@@ -76,10 +89,16 @@ def decode(data: bytes, height: int, width: int, index: int) -> np.ndarray:
 
 
 def infer_request(
-    spec: ModelInput, images: list[bytes], top_k: int, request_id: str = "", draws: int = 1
+    spec: ModelInput,
+    images: list[bytes],
+    top_k: int,
+    request_id: str = "",
+    draws: int = 1,
+    return_purified: bool = False,
 ) -> pb.ModelInferRequest:
     """draws > 1 asks atop-serve to average each image's probabilities over that many RT draws (the
-    `draws` request parameter; other KServe servers ignore or refuse it)."""
+    `draws` request parameter; other KServe servers ignore or refuse it); return_purified asks for its
+    optional outputs too (IMAGE_OUTPUTS)."""
     request = pb.ModelInferRequest(model_name=spec.model, id=request_id)
     if draws != 1:
         request.parameters["draws"].int64_param = draws
@@ -95,6 +114,8 @@ def infer_request(
     request.raw_input_contents.append(raw)
     output = request.outputs.add(name=spec.output)
     output.parameters["classification"].int64_param = top_k
+    for name in IMAGE_OUTPUTS if return_purified else ():
+        request.outputs.add(name=name)
     return request
 
 
@@ -115,3 +136,18 @@ def parse_response(response: pb.ModelInferResponse, count: int, top_k: int) -> l
         score, index, label = item.decode().split(":", 2)
         predictions.append(Prediction(label, int(index), float(score)))
     return [predictions[i * top_k : (i + 1) * top_k] for i in range(count)]
+
+
+def parse_purified(response: pb.ModelInferResponse, count: int, top_k: int) -> list[Purified]:
+    """The predictions with the optional outputs asked for by infer_request(..., return_purified=True)."""
+    raw = dict(zip((o.name for o in response.outputs), response.raw_output_contents, strict=True))
+    shapes = {o.name: list(o.shape) for o in response.outputs}
+    missing = [name for name in IMAGE_OUTPUTS if name not in raw]
+    if missing:
+        raise ValueError(f"the server did not return {missing} (a model exported without them, or not atop-serve)")
+    arrays = {name: np.frombuffer(raw[name], "<f4").reshape(shapes[name]) for name in IMAGE_OUTPUTS}
+    predictions = parse_response(response, count, top_k)
+    return [
+        Purified(row, float(arrays["STABILITY"][i]), arrays["RT_IMAGE"][i], arrays["PURIFIED"][i])
+        for i, row in enumerate(predictions)
+    ]

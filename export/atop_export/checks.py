@@ -77,7 +77,7 @@ def defended_parity(
     noise, mask = pipeline.rt.draw_noise(images, generator), pipeline.rt.draw_mask(images, generator)
     rt_image = pipeline.rt.apply(images, noise, mask)
     with torch.no_grad():
-        expected = Core(pipeline).eval()(rt_image, mask).numpy()
+        expected = Core(pipeline).eval()(rt_image, mask)[0].numpy()
     with tempfile.TemporaryDirectory() as workdir:
         core = _extract(path, [RT_IMAGE_TENSOR, RT_MASK_TENSOR], [OUTPUT], Path(workdir), "core.onnx")
         feeds = {RT_IMAGE_TENSOR: rt_image.numpy(), RT_MASK_TENSOR: mask.numpy()}

@@ -17,6 +17,7 @@ from atop_export import checks
 from atop_export.graphs import (
     INPUT,
     OUTPUT,
+    PURIFIED,
     RT_IMAGE,
     RT_MASK,
     ClassifierOnly,
@@ -33,7 +34,6 @@ from atop_models.pipeline import DefendedClassifier, PipelineConfig
 from atop_models.rt import RandomTransform, RTConfig
 
 Precision = Literal["fp32", "fp16"]
-PURIFIED = "PURIFIED"
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,9 @@ def _export_defended(
         config.max_batch_size,
     )
     args = (torch.rand(2, 3, size, size), torch.zeros(2, 1, size, size))
-    core = export_module(Core(pipeline), args, [RT_IMAGE, RT_MASK], [OUTPUT], config.opset, config.max_batch_size)
+    core = export_module(
+        Core(pipeline), args, [RT_IMAGE, RT_MASK], [OUTPUT, PURIFIED], config.opset, config.max_batch_size
+    )
     return compose(front, to_fp16(core) if precision == "fp16" else core)
 
 

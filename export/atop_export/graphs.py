@@ -3,9 +3,10 @@ purifier, classifier): what is exported is exactly what was trained and evaluate
 
 The defended model is exported in two parts joined into one graph (see onnx_build.compose):
   front: IMAGE -> (rt_image, rt_mask)   input decoding to [0,1] NCHW, then RT drawn with ONNX random ops
-  core:  (rt_image, rt_mask) -> PROBABILITIES   purifier, compositing, classifier, softmax
+  core:  (rt_image, rt_mask) -> PROBABILITIES, PURIFIED   purifier, compositing, classifier, softmax
 so that the exporter can check RT's statistics on the shipped graph's own intermediate tensors, and check
-the core's parity against PyTorch with identical RT draws.
+the core's parity against PyTorch with identical RT draws. RT_IMAGE and PURIFIED are graph outputs too, for
+the requests that ask to see what the defense did; onnxruntime copies out only the outputs a run names.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from atop_models.pipeline import DefendedClassifier
 InputKind = Literal["float", "uint8"]
 INPUT = "IMAGE"
 OUTPUT = "PROBABILITIES"
+RT_OUTPUT = "RT_IMAGE"  # the randomly transformed image (FP32 [N,3,H,W] in [0,1])
+PURIFIED = "PURIFIED"  # the purified image the classifier saw (FP32 [N,3,H,W] in [0,1])
 RT_IMAGE = "rt_image"
 RT_MASK = "rt_mask"
 
@@ -45,9 +48,9 @@ class Core(nn.Module):
         super().__init__()
         self.pipeline = pipeline
 
-    def forward(self, rt_image: torch.Tensor, rt_mask: torch.Tensor) -> torch.Tensor:
-        logits = self.pipeline.classifier(self.pipeline.restore(rt_image, rt_mask))
-        return torch.softmax(logits.float(), dim=1)
+    def forward(self, rt_image: torch.Tensor, rt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        purified = self.pipeline.restore(rt_image, rt_mask)
+        return torch.softmax(self.pipeline.classifier(purified).float(), dim=1), purified.float()
 
 
 class ClassifierOnly(nn.Module):

@@ -15,7 +15,7 @@ import torch
 from onnxruntime.transformers.float16 import convert_float_to_float16
 from torch import nn
 
-from atop_export.graphs import INPUT, OUTPUT, RT_IMAGE, RT_MASK
+from atop_export.graphs import INPUT, OUTPUT, PURIFIED, RT_IMAGE, RT_MASK, RT_OUTPUT
 
 FRONT, CORE = "front/", "core/"
 # Where the RT draws live inside a composed model: the exporter's checks read them, nothing else does.
@@ -85,7 +85,8 @@ def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
 
 
 def compose(front: onnx.ModelProto, core: onnx.ModelProto) -> onnx.ModelProto:
-    """front (IMAGE -> rt_image, rt_mask) + core (rt_image, rt_mask -> PROBABILITIES) -> one graph."""
+    """front (IMAGE -> rt_image, rt_mask) + core (rt_image, rt_mask -> PROBABILITIES, PURIFIED) -> one graph
+    with the outputs PROBABILITIES (first: what servers and clients classify with), RT_IMAGE and PURIFIED."""
     front = onnx.compose.add_prefix(front, FRONT)
     core = onnx.compose.add_prefix(core, CORE)
     merged = onnx.compose.merge_models(
@@ -93,6 +94,14 @@ def compose(front: onnx.ModelProto, core: onnx.ModelProto) -> onnx.ModelProto:
     )
     _rename(merged.graph, FRONT + INPUT, INPUT)
     _rename(merged.graph, CORE + OUTPUT, OUTPUT)
+    _rename(merged.graph, CORE + PURIFIED, PURIFIED)
+    # The RT draw keeps its internal name (the exporter's checks cut the graph there) and leaves by an Identity.
+    merged.graph.node.append(onnx.helper.make_node("Identity", [RT_IMAGE_TENSOR], [RT_OUTPUT], name=RT_OUTPUT))
+    rt_image = next(value for value in front.graph.output if value.name == RT_IMAGE_TENSOR)
+    outputs = {value.name: value for value in merged.graph.output}
+    ordered = [outputs[OUTPUT], onnx.helper.make_value_info(RT_OUTPUT, rt_image.type), outputs[PURIFIED]]
+    del merged.graph.output[:]
+    merged.graph.output.extend(ordered)
     return merged
 
 

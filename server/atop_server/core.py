@@ -31,6 +31,7 @@ from atop_server.errors import (
     NotReady,
     Overloaded,
 )
+from atop_server.outputs import IMAGE_OUTPUTS, Answer, answer, row_type
 from atop_server.repository import LoadedModel, list_models, load_model
 
 log = logging.getLogger("atop_server")
@@ -127,6 +128,9 @@ class ServedModel:
         self.input_name = loaded.inputs[0].name
         self.output_name = loaded.outputs[0].name
         self.num_classes = len(loaded.labels)
+        self.image_outputs = tuple(o.name for o in loaded.outputs if o.name in IMAGE_OUTPUTS)
+        self._rows = row_type(self.output_name, self.num_classes, self.image_outputs, self.size)
+        self.image_requests = 0  # requests in flight that asked for images (outputs.py); on the event loop
 
         def record(execution: Execution) -> None:
             with self.lock:
@@ -143,7 +147,13 @@ class ServedModel:
         return self.loaded.name
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        return self.loaded.session.run([self.output_name], {self.input_name: batch})[0]
+        if not self.image_requests:
+            return self.loaded.session.run([self.output_name], {self.input_name: batch})[0]
+        names = [self.output_name, *self.image_outputs]
+        rows = np.empty(len(batch), self._rows)
+        for name, values in zip(names, self.loaded.session.run(names, {self.input_name: batch}), strict=True):
+            rows[name] = values
+        return rows
 
     def to_model_input(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N,H,W,3] (decoded) or float32 [N,3,H,W] in [0,1] -> the graph's own input layout."""
@@ -305,7 +315,29 @@ class InferenceCore:
             )
 
     async def classify(self, model: ServedModel, images: np.ndarray, draws: int, call: Call) -> np.ndarray:
-        """Probabilities [N, classes], averaged over `draws` independent RT draws. Admitted whole or refused at
+        """Probabilities [N, classes], averaged over `draws` independent RT draws."""
+        return (await self.infer(model, images, draws, call)).probabilities
+
+    async def infer(
+        self, model: ServedModel, images: np.ndarray, draws: int, call: Call, image_outputs: tuple[str, ...] = ()
+    ) -> Answer:
+        """The probabilities averaged over `draws` RT draws, their stability, and the image outputs asked for
+        (the first draw's)."""
+        if not image_outputs:
+            results = await self._draws(model, images, draws, call)
+        else:
+            model.image_requests += 1  # before submitting: every run of its parts fetches the images
+            try:
+                results = await self._draws(model, images, draws, call)
+            finally:
+                model.image_requests -= 1
+        # A part that shared its execution with a request for images came back as structured rows.
+        plain = not image_outputs
+        rows = np.concatenate([r[model.output_name] if plain and r.dtype.names else r for r in results])
+        return answer(rows, model.output_name, draws, image_outputs)
+
+    async def _draws(self, model: ServedModel, images: np.ndarray, draws: int, call: Call) -> list[np.ndarray]:
+        """The outputs of `draws` independent RT draws of the images, part by part. Admitted whole or refused at
         once; cancelling the awaiting task, or the deadline, withdraws the request's queued work."""
         if self.closing or not self.ready:
             raise NotReady("the server is not ready (starting up or shutting down)")
@@ -318,7 +350,7 @@ class InferenceCore:
         futures = model.batcher.submit(parts, call.deadline, call.client)
         try:
             done = asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-            rows = np.concatenate(await asyncio.wait_for(done, call.time_left()))
+            results = await asyncio.wait_for(done, call.time_left())
         except TimeoutError:
             raise DeadlineExceeded("no answer within the request's deadline") from None
         finally:
@@ -326,7 +358,7 @@ class InferenceCore:
                 f.cancel()  # after a timeout, a cancellation or a failed part, nothing else of the request runs
         # A failure is counted by the servicer's failures_counted (once per request, whatever failed).
         self._record(model, time.monotonic() - started, True, len(images))
-        return rows.reshape(draws, len(images), -1).mean(0)
+        return list(results)
 
     @contextlib.contextmanager
     def failures_counted(self, model: ServedModel) -> Iterator[None]:

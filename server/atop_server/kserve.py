@@ -3,7 +3,8 @@
 Each RPC: validate -> decode -> core -> encode. Inputs of ModelInfer: encoded images as BYTES [N,1] or [N],
 decoded UINT8 [N,H,W,3], or FP32 [N,3,H,W] in [0,1], as raw_input_contents or typed contents. Outputs:
 PROBABILITIES FP32 [N,classes]; with the classification extension (output parameter class_count = k) a
-BYTES [N,k] tensor of "score:index:label" strings, best first.
+BYTES [N,k] tensor of "score:index:label" strings, best first. On request (by name; outputs.py): RT_IMAGE and
+PURIFIED FP32 [N,3,H,W] of the first draw where the graph has them, and STABILITY FP32 [N].
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from atop_server.codec import array_from_raw, join_bytes_tensor, split_bytes_ten
 from atop_server.core import Call, InferenceCore, ServedModel
 from atop_server.errors import InvalidInput
 from atop_server.metrics import Metrics
+from atop_server.outputs import STABILITY, Answer
 from atop_server.servicing import answer_each, call_of, request_id, rpc
 
 EXTENSIONS = ["classification", "model_configuration", "statistics"]
@@ -45,6 +47,12 @@ def accepted_inputs(model: ServedModel) -> list[tuple[str, str, list[int]]]:
     if model.layout == "NCHW":
         inputs.append((f"{own.name}_UINT8", "UINT8", [-1, model.size, model.size, 3]))
     return inputs
+
+
+def served_outputs(model: ServedModel) -> list[tuple[str, str, list[int]]]:
+    """(name, datatype, shape) of every output a request may ask for: the graph's, then the stability."""
+    graph = [(s.name, _ORT_TO_KSERVE[s.datatype], _shape(s.shape)) for s in model.loaded.outputs]
+    return [*graph, (STABILITY, "FP32", [-1])]
 
 
 def _parameter(parameters: dict, name: str, default: int) -> int:
@@ -113,10 +121,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
             versions=[str(v) for v in self.core.versions[model.name]],
             platform=PLATFORM,
             inputs=[tensor(name=n, datatype=t, shape=shape) for n, t, shape in accepted_inputs(model)],
-            outputs=[
-                tensor(name=s.name, datatype=_ORT_TO_KSERVE[s.datatype], shape=_shape(s.shape))
-                for s in model.loaded.outputs
-            ],
+            outputs=[tensor(name=n, datatype=t, shape=shape) for n, t, shape in served_outputs(model)],
         )
 
     async def ModelConfig(
@@ -124,9 +129,6 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelConfigResponse:
         model = self.core.model(request.name, request.version)
         batcher = self.core.config.batcher
-
-        def dims(spec_shape: tuple) -> list[int]:
-            return _shape(spec_shape)[1:]  # without the batch dimension, as max_batch_size > 0 implies
 
         config = pb.ModelConfig(
             name=model.name,
@@ -137,14 +139,14 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
                 pb.ModelInput(name=n, data_type=_KSERVE_TO_CONFIG[t], dims=shape[1:], optional=True)
                 for n, t, shape in accepted_inputs(model)
             ],
-            output=[
+            output=[  # dims without the batch dimension, as max_batch_size > 0 implies
                 pb.ModelOutput(
-                    name=s.name,
-                    data_type=_KSERVE_TO_CONFIG[_ORT_TO_KSERVE[s.datatype]],
-                    dims=dims(s.shape),
-                    label_filename="labels.txt",
+                    name=n,
+                    data_type=_KSERVE_TO_CONFIG[t],
+                    dims=shape[1:],
+                    label_filename="labels.txt" if n == model.output_name else "",
                 )
-                for s in model.loaded.outputs
+                for n, t, shape in served_outputs(model)
             ],
             dynamic_batching=pb.ModelDynamicBatching(max_queue_delay_microseconds=batcher.max_queue_delay_us),
             # The request parameter `draws` (RT draws averaged per image) is bounded: clients check up front.
@@ -230,8 +232,9 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
             outputs = self._outputs(request, model)  # checked before the model runs
             draws = _parameter(request.parameters, "draws", 1)
             images = await self._images(request, model, draws, call)
-            probabilities = await self.core.classify(model, images, draws, call)
-        return self._response(request, model, outputs, probabilities)
+            images_asked = tuple(name for name, _ in outputs if name in model.image_outputs)
+            result = await self.core.infer(model, images, draws, call, images_asked)
+        return self._response(request, model, outputs, result)
 
     async def _images(self, request: pb.ModelInferRequest, model: ServedModel, draws: int, call: Call) -> np.ndarray:
         """The request's images, validated; what can never be served is refused before anything is decoded."""
@@ -286,11 +289,14 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
     def _outputs(request: pb.ModelInferRequest, model: ServedModel) -> list[tuple[str, int]]:
         """(name, k) of each requested output; k > 0: the classification extension's top k, 0: probabilities."""
         requested = list(request.outputs) or [pb.ModelInferRequest.InferRequestedOutputTensor(name=model.output_name)]
+        names = [name for name, _, _ in served_outputs(model)]
         outputs = []
         for output in requested:
-            if output.name != model.output_name:
-                raise InvalidInput(f"model {model.name} has the output {model.output_name!r}, not {output.name!r}")
+            if output.name not in names:
+                raise InvalidInput(f"model {model.name} has the outputs {names}, not {output.name!r}")
             k = _parameter(output.parameters, "classification", 0) or _parameter(output.parameters, "class_count", 0)
+            if k and output.name != model.output_name:
+                raise InvalidInput(f"the classification extension applies to {model.output_name}, not {output.name}")
             if k and not 1 <= k <= model.num_classes:
                 raise InvalidInput(f"class_count must be between 1 and {model.num_classes}, got {k}")
             outputs.append((output.name, k))
@@ -298,17 +304,19 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
 
     @staticmethod
     def _response(
-        request: pb.ModelInferRequest, model: ServedModel, outputs: list[tuple[str, int]], probabilities: np.ndarray
+        request: pb.ModelInferRequest, model: ServedModel, outputs: list[tuple[str, int]], result: Answer
     ) -> pb.ModelInferResponse:
         response = pb.ModelInferResponse(
             model_name=model.name, model_version=str(model.loaded.version), id=request_id(request.id)
         )
+        probabilities = result.probabilities
         for name, k in outputs:
             if k:
                 strings = _classification_strings(probabilities, k, model.loaded.labels)
                 response.outputs.add(name=name, datatype="BYTES", shape=[len(probabilities), k])
                 response.raw_output_contents.append(join_bytes_tensor(strings))
             else:
-                response.outputs.add(name=name, datatype="FP32", shape=list(probabilities.shape))
-                response.raw_output_contents.append(probabilities.astype("<f4").tobytes())
+                values = {model.output_name: probabilities, STABILITY: result.stability, **result.images}[name]
+                response.outputs.add(name=name, datatype="FP32", shape=list(values.shape))
+                response.raw_output_contents.append(values.astype("<f4").tobytes())
         return response

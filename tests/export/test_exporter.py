@@ -97,6 +97,11 @@ def test_metadata_is_read_back_by_the_server_loader(exported):
     sha = json.loads(Path(str(classifier) + ".json").read_text())["weights_sha256"]
     assert model.metadata["atop.checkpoints"]["classifier"]["sha256"] == sha
     assert model.inputs[0].shape[0] == "batch" and model.outputs[0].shape == ("batch", len(CLASSES))
+    # What the defense did, for requests that ask: the RT draw and the purified image (outputs.py in the server).
+    assert [(o.name, o.shape) for o in model.outputs[1:]] == [
+        ("RT_IMAGE", ("batch", 3, 32, 32)),
+        ("PURIFIED", ("batch", 3, 32, 32)),
+    ]
 
 
 @pytest.mark.parametrize("batch", [1, 7, 64])
