@@ -6,14 +6,16 @@ UV_VERSION := 0.13.9
 UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: help install serve-install test lint serve format clean proto bench loadtest container-test export train-default zoo
+.PHONY: help install serve-install test test-browser demo-screenshot lint serve format clean proto bench loadtest container-test export train-default zoo
 
 help:
 	@echo "make serve           start the gRPC server on the shipped default model (installs the serving side only)"
 	@echo "                     variables: MODEL_REPOSITORY=DIR HOST=0.0.0.0 PORT=8001 HTTP_PORT=8000 METRICS_PORT=8002"
 	@echo "make serve-install   install only the serving side into .venv: server, clients, proto (no torch)"
 	@echo "make install         install every workspace package into .venv: also the trainer and exporter (torch)"
-	@echo "make test            lint + the whole test suite"
+	@echo "make test            lint + the whole test suite (but the browser test)"
+	@echo "make test-browser    the demo page in headless Chromium (installs Debian's chromium, chromium-driver)"
+	@echo "make demo-screenshot test-browser, saving the page to docs/demo.png"
 	@echo "make lint            ruff check and format check"
 	@echo "make format          ruff fix and format"
 	@echo "make train-default   the default models' recipe into RUNS=runs/default (resumable, hours on a CPU)"
@@ -44,6 +46,19 @@ lint: install
 test: lint
 	$(RUN) pytest
 	$(RUN) pytest -o addopts="-ra --strict-markers" tests/triton
+
+# The demo page in a real headless Chromium (tests/browser, Selenium): Debian's chromium and chromium-driver come
+# from apt when missing (as root, else through sudo); Playwright's own browser download is not used, since only
+# package registries can be reached here. ATOP_REQUIRE_BROWSER: the test fails, not skips, without a browser.
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+test-browser: install
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; fi
+	ATOP_REQUIRE_BROWSER=1 $(RUN) pytest -o addopts="-ra --strict-markers" tests/browser
+
+demo-screenshot:
+	ATOP_DEMO_SCREENSHOT=$(CURDIR)/docs/demo.png $(MAKE) test-browser
 
 format: install
 	$(RUN) ruff check --fix .

@@ -106,6 +106,7 @@ OPTIONS: list[tuple[str, Callable[[str], Any], object, str]] = [
     ("port", PORT, 8001, "gRPC port (0: a free one, logged)"),
     ("http_port", integer(-1, 65535), 8000, "KServe v2 REST API port, on --host (0: a free one; -1: off)"),
     ("http_timeout_seconds", number(0.001), 30.0, "HTTP: a body must arrive, an idle connection start a request"),
+    ("demo", boolean, True, "the demo page at / of the HTTP port (--no-demo: off)"),
     ("metrics_host", nonempty, "127.0.0.1", "Prometheus metrics address"),
     ("metrics_port", integer(-1, 65535), 8002, "Prometheus metrics port (0: a free one; -1: off)"),
     ("health_port", integer(-1, 65535), -1, "grpc.health.v1 alone, plaintext, for probes (-1: off; 0: a free one)"),
@@ -221,6 +222,7 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
             **({"nargs": "?", "const": True} if convert is boolean else {}),  # Triton's `--grpc-use-ssl` alone
             help=f"{help_text} [env ATOP_{name.upper()}; default {default}]",
         )
+    parser.add_argument("--no-demo", dest="demo", action="store_false", help="no demo page (as --demo false)")
     args = parser.parse_args(argv)
     if not args.model_repository.is_dir():
         parser.error(f"--model-repository {args.model_repository}: no such folder (ATOP_MODEL_REPOSITORY)")
@@ -266,7 +268,7 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
         grace_seconds=args.grace_seconds,
         tls=_tls(parser, args),
         auth=_auth(parser, args),
-        http=HttpConfig(args.http_port, args.http_timeout_seconds) if args.http_port >= 0 else None,
+        http=HttpConfig(args.http_port, args.http_timeout_seconds, args.demo) if args.http_port >= 0 else None,
     )
 
 

@@ -274,7 +274,23 @@ def test_the_openapi_description_covers_every_endpoint(server, url):
     served = {
         (route.resource.canonical, route.method.lower())
         for route in server.http.app.router.routes()
-        if route.method != "HEAD"
+        if route.method != "HEAD" and route.resource.canonical.startswith("/v2")  # the API, not the demo page
     }
     described = {(path, method) for path, item in description["paths"].items() for method in item}
     assert served == described
+
+
+def test_the_demo_page_is_served_with_a_strict_policy_and_can_be_turned_off(url):
+    with urllib.request.urlopen(url + "/", timeout=60) as page:
+        assert b'<script src="demo/demo.js">' in page.read()
+        assert "default-src 'self'" in page.headers["Content-Security-Policy"]
+    with urllib.request.urlopen(url + "/demo/demo.js", timeout=60) as script:
+        assert b"v2/repository/index" in script.read()
+    assert request(url, "/demo/../openapi.json")[0] == 404  # no way out of the static folder
+    core = CoreConfig(DEFAULT_REPOSITORY, batcher=BatcherConfig(max_batch_size=2))
+    without = Server(ServerConfig(core=core, port=0, metrics_port=-1, http=HttpConfig(0, demo=False)))
+    try:
+        status, answer = request(f"http://127.0.0.1:{without.http_port}", "/")
+        assert status == 404 and "no endpoint at /" in answer["error"]
+    finally:
+        without.close()

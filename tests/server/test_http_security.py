@@ -89,9 +89,10 @@ def test_mutual_tls_wants_a_client_certificate_from_the_ca(ca):
 
 
 def test_http_port_options(tmp_path):
-    assert parse_args(["--http-port", "0"]).http == HttpConfig(0, 30.0)
+    assert parse_args(["--http-port", "0"]).http == HttpConfig(0, 30.0, demo=True)
     assert parse_args(["--http-port", "-1"]).http is None
     assert parse_args([]).http == HttpConfig(8000, 30.0)
+    assert parse_args(["--no-demo"]).http == parse_args(["--demo", "false"]).http == HttpConfig(8000, demo=False)
     for args, named in [
         (["--http-port", "-2"], "--http-port: -2 must be between -1 and 65535"),
         (["--http-port", "8001"], "--port and --http-port are both 8001"),

@@ -18,6 +18,12 @@ from atop_server.http.tensors import HEADER_LENGTH, infer_request, infer_respons
 from atop_server.kserve import KServeService
 
 OPENAPI = Path(__file__).with_name("openapi.json")
+DEMO = Path(__file__).with_name("demo")  # the demo page's static files (index.html, demo.js, demo.css)
+# The page loads only its own files and talks only to its own origin; images are shown from data: URLs.
+DEMO_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+}
 # Every model route, with and without a version (Triton's /v2/models/<m>[/versions/<v>]).
 MODEL_PATHS = ("/v2/models/{model}", "/v2/models/{model}/versions/{version}")
 
@@ -28,6 +34,12 @@ class RestApi:
 
     def __init__(self, service: KServeService, max_body_bytes: int, timeout_seconds: float) -> None:
         self.service, self.max_body_bytes, self.timeout_seconds = service, max_body_bytes, timeout_seconds
+
+    def demo_routes(self) -> list[web.AbstractRouteDef]:
+        return [web.get("/", self.demo_page, name="DemoPage"), web.static("/demo", DEMO)]
+
+    async def demo_page(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(DEMO / "index.html")
 
     def routes(self) -> list[web.RouteDef]:
         routes = [

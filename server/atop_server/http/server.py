@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from atop_server.auth import AuthConfig, authorized
-from atop_server.http.routes import RestApi
+from atop_server.http.routes import DEMO_HEADERS, RestApi
 from atop_server.http.status import error_response, status_of
 from atop_server.kserve import KServeService
 from atop_server.metrics import Metrics
@@ -33,6 +33,7 @@ class HttpConfig:
     # A request body must arrive within this (408 otherwise), and a connection that starts no request within
     # it is closed: slow or stalled clients cannot hold connections for ever.
     timeout_seconds: float = 30.0
+    demo: bool = True  # the demo page at / (static files; it uses the REST API like any client)
 
 
 def ssl_context(tls: TlsConfig) -> ssl.SSLContext:
@@ -70,6 +71,11 @@ def _message(request: web.Request, error: web.HTTPException) -> str:
     return error.text or error.reason
 
 
+async def _demo_headers(request: web.Request, response: web.StreamResponse) -> None:
+    if not request.path.startswith("/v2"):
+        response.headers.update(DEMO_HEADERS)
+
+
 class HttpServer:
     def __init__(
         self,
@@ -85,7 +91,9 @@ class HttpServer:
         self.app = web.Application(
             client_max_size=max_body_bytes, middlewares=[self._errors_and_metrics, self._authenticate]
         )
-        self.app.add_routes(RestApi(service, max_body_bytes, config.timeout_seconds).routes())
+        api = RestApi(service, max_body_bytes, config.timeout_seconds)
+        self.app.add_routes(api.routes() + (api.demo_routes() if config.demo else []))
+        self.app.on_response_prepare.append(_demo_headers)
         self.runner: web.AppRunner | None = None
 
     async def start(self, host: str, grace_seconds: float) -> int:
