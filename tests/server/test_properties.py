@@ -118,7 +118,7 @@ def requests(draw) -> pb.ModelInferRequest:
 @given(requests())
 def test_every_request_is_answered_or_refused_with_a_status(service, request):
     try:
-        response = asyncio.run(service._infer(request, Call()))
+        response = asyncio.run(service.infer(request, Call()))
     except HANDLED as error:
         assert isinstance(error, ServeError | LookupError) and str(error)
         return
