@@ -11,6 +11,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
+from atop_server.auth import DENIED, AuthConfig, TokenChecker
 from atop_server.batcher import Execution
 
 
@@ -23,14 +24,21 @@ class _QuietHandler(WSGIRequestHandler):
         """Scrapes are not worth a log line each."""
 
 
-def only_metrics(app: Callable) -> Callable:
+def only_metrics(app: Callable, auth: AuthConfig) -> Callable:
     """The metrics app at /metrics and nothing else: any other path is 404, so a health probe aimed at this
-    port by mistake fails instead of seeing 200."""
+    port by mistake fails instead of seeing 200. With tokens, a scrape needs one (Prometheus' `authorization`
+    setting) unless the metrics are public: they tell who uses which model how much, and what fails."""
+    checker = TokenChecker(auth.tokens) if auth.tokens and not auth.public_metrics else None
+    plain = ("Content-Type", "text/plain; charset=utf-8")
 
     def routed(environ: dict, start_response: Callable) -> Iterable[bytes]:
         if environ.get("PATH_INFO") != "/metrics":
-            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            start_response("404 Not Found", [plain])
             return [b"not found: the metrics are at /metrics\n"]
+        given = environ.get("HTTP_AUTHORIZATION")
+        if checker is not None and not checker.accepts([] if given is None else [given]):
+            start_response("401 Unauthorized", [plain, ("WWW-Authenticate", 'Bearer realm="atop-serve metrics"')])
+            return [f"{DENIED}\n".encode()]
         return app(environ, start_response)
 
     return routed
@@ -84,9 +92,9 @@ class Metrics:
         self.compute_seconds.labels(model).inc(execution.compute_seconds)
         self.batch_size.labels(model).observe(execution.batch_size)
 
-    def serve(self, host: str, port: int) -> int:
+    def serve(self, host: str, port: int, auth: AuthConfig) -> int:
         """Start the /metrics HTTP endpoint in a daemon thread; returns the bound port (0 picks a free one)."""
-        app = only_metrics(make_wsgi_app(self.registry))
+        app = only_metrics(make_wsgi_app(self.registry), auth)
         server = make_server(host, port, app, server_class=_ThreadingServer, handler_class=_QuietHandler)
         threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
         return server.server_address[1]
