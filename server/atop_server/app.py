@@ -182,6 +182,8 @@ class Server:
             self._on_loop(self.health_grpc.start())
         self.core.start()
         self.metrics.served.update(self.core.models)
+        for name, model in self.core.models.items():
+            self.metrics.watch_queue(name, model.batcher)
         providers = {name: model.loaded.session.get_providers()[0] for name, model in self.core.models.items()}
         self._on_loop(self._set_health(health_pb2.HealthCheckResponse.SERVING))
         self.metrics.ready.set(1)

@@ -12,7 +12,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from atop_server.auth import DENIED, AuthConfig, TokenChecker
-from atop_server.batcher import Execution
+from atop_server.batcher import DynamicBatcher, Execution
 
 
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
@@ -83,6 +83,10 @@ class Metrics:
     def model_label(self, name: str) -> str:
         """Bounded label values: a client naming random models must not grow the metrics without end."""
         return name if name in self.served else "unknown"
+
+    def watch_queue(self, model: str, batcher: DynamicBatcher) -> None:
+        """atop_queue_images{model} reads the batcher's queue at each scrape."""
+        self.queued_images.labels(model).set_function(lambda: batcher.queued_images)
 
     def record_execution(self, model: str, execution: Execution) -> None:
         self.executions.labels(model).inc()
