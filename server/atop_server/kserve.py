@@ -16,8 +16,9 @@ import numpy as np
 
 from atop_proto import grpc_service_pb2 as pb
 from atop_proto import grpc_service_pb2_grpc as pb_grpc
+from atop_proto.tensors import join_bytes_tensor
 from atop_server import __version__
-from atop_server.codec import array_from_raw, join_bytes_tensor, split_bytes_tensor
+from atop_server.codec import array_from_raw, split_bytes_tensor
 from atop_server.core import Call, InferenceCore, ServedModel
 from atop_server.errors import InvalidInput
 from atop_server.metrics import Metrics

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import atheris
 
-with atheris.instrument_imports(include=["PIL", "atop_server"]):
+with atheris.instrument_imports(include=["PIL", "atop_server", "atop_proto"]):
     import numpy as np
     from PIL import Image
 
-    from atop_server.codec import decode_image, image_pixels, join_bytes_tensor, split_bytes_tensor
+    from atop_proto.tensors import join_bytes_tensor
+    from atop_server.codec import decode_image, image_pixels, split_bytes_tensor
     from atop_server.errors import InvalidInput
 
 SIZE = 32  # the shipped model's input size
