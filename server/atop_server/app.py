@@ -27,6 +27,7 @@ from atop_server.classify_service import ClassifierService
 from atop_server.core import CoreConfig, InferenceCore
 from atop_server.kserve import KServeService
 from atop_server.metrics import Metrics
+from atop_server.servicing import ServingInterceptor
 
 log = logging.getLogger("atop_server")
 SERVICES = (
@@ -133,7 +134,11 @@ class Server:
             ("grpc.max_concurrent_streams", config.max_streams_per_connection),
             ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share its traffic
         ]
-        interceptors = [TokenAuthInterceptor(config.auth)] if config.auth.tokens else []
+        # Token checks first: a refused call never reaches the service nor its metrics.
+        interceptors: list[grpc.aio.ServerInterceptor] = (
+            [TokenAuthInterceptor(config.auth)] if config.auth.tokens else []
+        )
+        interceptors.append(ServingInterceptor(self.metrics, SERVICES))
         self.grpc = grpc.aio.server(options=options, interceptors=interceptors)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             KServeService(self.core, self.metrics, config.core.max_images_per_request), self.grpc

@@ -84,6 +84,11 @@ class Metrics:
         """Bounded label values: a client naming random models must not grow the metrics without end."""
         return name if name in self.served else "unknown"
 
+    def record_request(self, method: str, model: str, code: str, seconds: float) -> None:
+        """One RPC, or one message of a stream: counted by status code and timed."""
+        self.requests.labels(method, model, code).inc()
+        self.request_seconds.labels(method, model).observe(seconds)
+
     def watch_queue(self, model: str, batcher: DynamicBatcher) -> None:
         """atop_queue_images{model} reads the batcher's queue at each scrape."""
         self.queued_images.labels(model).set_function(lambda: batcher.queued_images)
