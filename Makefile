@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
 RUN := $(UV) run --frozen
 
-.PHONY: help install serve-install test test-browser demo-screenshot lint serve format clean proto bench loadtest container-test export train-default zoo
+.PHONY: help install serve-install test test-browser demo-screenshot lint serve format clean proto bench loadtest fuzz container-test export train-default zoo
 
 help:
 	@echo "make serve           start the gRPC server on the shipped default model (installs the serving side only)"
@@ -23,6 +23,7 @@ help:
 	@echo "make export          rebuild model_repository/ from the checkpoints in models/zoo"
 	@echo "make bench           serving throughput and latency as ratios to in-process onnxruntime"
 	@echo "make loadtest        atop-serve under twice its capacity on loopback for 60 s (~2 minutes; exit 1 on a miss)"
+	@echo "make fuzz            coverage-guided fuzzing (atheris) of the decode path for FUZZ_SECONDS (600)"
 	@echo "make container-test  build the serving image with podman, classify through it, SIGTERM it"
 	@echo "make proto           regenerate the Python code of proto/atop_proto/*.proto"
 	@echo "make clean           remove .venv, .tools and the caches"
@@ -146,6 +147,12 @@ bench: install
 # atop-serve under twice its capacity on loopback (tests/bench/loadtest.py): ~2 minutes; exit 1 on a missed target.
 loadtest: install
 	$(RUN) python tests/bench/loadtest.py --model-repository $(MODEL_REPOSITORY) --seconds 60
+
+# Coverage-guided fuzzing of the bytes -> images path (tests/fuzz/fuzz_decode.py); the corpus grows across runs.
+FUZZ_SECONDS ?= 600
+fuzz: install
+	mkdir -p .data/fuzz/corpus
+	$(RUN) python tests/fuzz/fuzz_decode.py .data/fuzz/corpus -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=.data/fuzz/
 
 # Build the serving image with podman, run it, classify CIFAR-10 through it, SIGTERM it (a few minutes).
 container-test: install

@@ -9,13 +9,13 @@ advertises a BYTES input for every model: ~12x less traffic than FP32 pixels at 
 from __future__ import annotations
 
 import io
-import struct
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from atop_proto import grpc_service_pb2 as pb
+from atop_proto.tensors import join_bytes_tensor, split_bytes_tensor
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def infer_request(
     if draws != 1:
         request.parameters["draws"].int64_param = draws
     if spec.datatype == "BYTES":
-        raw = b"".join(struct.pack("<I", len(i)) + i for i in images)
+        raw = join_bytes_tensor(images)
         shape = [len(images), 1]
     else:
         pixels = np.stack([decode(data, spec.height, spec.width, i) for i, data in enumerate(images)])
@@ -123,14 +123,10 @@ def parse_response(response: pb.ModelInferResponse, count: int, top_k: int) -> l
     """The classification extension's BYTES [N,k] "score:index:label" strings -> predictions, best first."""
     if not response.raw_output_contents:
         items = list(response.outputs[0].contents.bytes_contents)
-    else:
-        buffer, items, offset = response.raw_output_contents[0], [], 0
-        while offset < len(buffer):
-            (length,) = struct.unpack_from("<I", buffer, offset)
-            items.append(buffer[offset + 4 : offset + 4 + length])
-            offset += 4 + length
-    if len(items) != count * top_k:
-        raise ValueError(f"expected {count}x{top_k} classifications, got {len(items)}")
+        if len(items) != count * top_k:
+            raise ValueError(f"expected {count}x{top_k} classifications, got {len(items)}")
+    else:  # the framing says how many elements there are; a truncated or padded buffer is a TensorFormatError
+        items = split_bytes_tensor(response.raw_output_contents[0], count * top_k)
     predictions = []
     for item in items:
         score, index, label = item.decode().split(":", 2)

@@ -18,8 +18,14 @@ def generate(out_root: Path) -> list[Path]:
     (out_root / HERE.name).mkdir(exist_ok=True)
     protos = sorted(HERE.glob("*.proto"))
     include = str(HERE.parent)
-    args = ["protoc", f"-I{include}", f"--python_out={out_root}", f"--pyi_out={out_root}",
-            f"--grpc_python_out={out_root}", *(str(p.relative_to(HERE.parent)) for p in protos)]
+    args = [
+        "protoc",
+        f"-I{include}",
+        f"--python_out={out_root}",
+        f"--pyi_out={out_root}",
+        f"--grpc_python_out={out_root}",
+        *(str(p.relative_to(HERE.parent)) for p in protos),
+    ]
     if protoc.main(args) != 0:
         raise SystemExit(f"protoc failed on {', '.join(p.name for p in protos)}")
     return sorted((out_root / HERE.name).glob("*_pb2*"))

@@ -29,6 +29,7 @@ from atop_server.core import CoreConfig, InferenceCore
 from atop_server.http import HttpConfig, HttpServer
 from atop_server.kserve import KServeService
 from atop_server.metrics import Metrics
+from atop_server.servicing import ServingInterceptor
 
 log = logging.getLogger("atop_server")
 SERVICES = (
@@ -57,7 +58,10 @@ class ServerConfig:
     metrics_port: int = 8002  # Prometheus /metrics over HTTP; 0 picks a free port, -1 disables
     health_port: int = -1  # grpc.health.v1 alone, plaintext, on host (for probes when port has TLS); -1: none
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC's default 4 MiB is ~4000 CIFAR JPEGs, too few for big images
-    max_streams_per_connection: int = 128  # HTTP/2 concurrent streams one connection may open
+    # HTTP/2 concurrent streams one connection may open. gRPC clients multiplex every call over one connection:
+    # at 128, an open-loop client at twice capacity had a third of its calls reset by the transport (UNAVAILABLE,
+    # REFUSED_STREAM) instead of refused by admission control (RESOURCE_EXHAUSTED, which says: retry later).
+    max_streams_per_connection: int = 1024
     grace_seconds: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
     health_services: tuple[str, ...] = field(default=SERVICES)
     tls: TlsConfig | None = None
@@ -134,7 +138,11 @@ class Server:
             ("grpc.max_concurrent_streams", config.max_streams_per_connection),
             ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share its traffic
         ]
-        interceptors = [TokenAuthInterceptor(config.auth)] if config.auth.tokens else []
+        # Token checks first: a refused call never reaches the service nor its metrics.
+        interceptors: list[grpc.aio.ServerInterceptor] = (
+            [TokenAuthInterceptor(config.auth)] if config.auth.tokens else []
+        )
+        interceptors.append(ServingInterceptor(self.metrics, SERVICES))
         self.grpc = grpc.aio.server(options=options, interceptors=interceptors)
         self.kserve = KServeService(self.core, self.metrics, config.core.max_images_per_request)
         grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.kserve, self.grpc)
@@ -182,7 +190,7 @@ class Server:
         if self.config.metrics_port < 0:
             return -1
         try:
-            return self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
+            return self.metrics.serve(self.config.metrics_host, self.config.metrics_port, self.config.auth)
         except OSError as error:
             raise StartupError(
                 f"cannot bind metrics to {self.config.metrics_host}:{self.config.metrics_port}: {error.strerror} "
@@ -199,6 +207,8 @@ class Server:
             self._on_loop(self.health_grpc.start())
         self.core.start()
         self.metrics.served.update(self.core.models)
+        for name, model in self.core.models.items():
+            self.metrics.watch_queue(name, model.batcher)
         providers = {name: model.loaded.session.get_providers()[0] for name, model in self.core.models.items()}
         self._on_loop(self._set_health(health_pb2.HealthCheckResponse.SERVING))
         self.metrics.ready.set(1)

@@ -1,7 +1,7 @@
-"""Bearer-token authentication of gRPC calls (and of HTTP requests: http/server.py): `authorization: Bearer
-<token>`, checked against the configured tokens in constant time. Health checking stays open (probes carry no
-token); reflection is open only when asked. Without tokens configured, every call is let through (the
-interceptor is not installed).
+"""Bearer-token authentication: `authorization: Bearer <token>` (gRPC metadata, or the HTTP header of the
+REST and metrics ports), checked against the configured tokens in constant time. Health checking stays open (probes
+carry no token); reflection and metrics are open only when asked. Without tokens configured, every call is let
+through (the interceptor is not installed).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ _REFLECTION = f"/{reflection.SERVICE_NAME}/"
 class AuthConfig:
     tokens: frozenset[str] = frozenset()  # empty: no authentication
     public_reflection: bool = False  # server reflection without a token (it lists the services and messages)
+    public_metrics: bool = False  # /metrics without a token (it tells request rates, models and failures)
 
     def __post_init__(self) -> None:
         short = [token for token in self.tokens if len(token) < MIN_TOKEN_LENGTH]
@@ -35,15 +36,6 @@ def read_tokens(text: str, separator: str | None = None) -> frozenset[str]:
     """Tokens from a file's text (one per line, '#' comments) or an environment variable (comma-separated)."""
     parts = text.split(separator) if separator else [line.split("#", 1)[0] for line in text.splitlines()]
     return frozenset(part.strip() for part in parts if part.strip())
-
-
-def authorized(values: list, tokens: list[bytes]) -> bool:
-    """Whether the authorization values (gRPC metadata or HTTP headers) are exactly one known bearer token."""
-    if len(values) != 1 or not isinstance(values[0], str) or not values[0].startswith("Bearer "):
-        return False
-    given = values[0].removeprefix("Bearer ").strip().encode()
-    # Every token is compared (constant time each), so the time taken says nothing about which matched.
-    return sum(hmac.compare_digest(given, token) for token in tokens) > 0
 
 
 def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
@@ -61,16 +53,34 @@ def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler
     return grpc.unary_unary_rpc_method_handler(refuse)
 
 
+DENIED = "missing or wrong bearer token (authorization: Bearer <token>)"
+
+
+class TokenChecker:
+    def __init__(self, tokens: frozenset[str]) -> None:
+        self._tokens = [token.encode() for token in sorted(tokens)]
+
+    def accepts(self, authorization: list[Any]) -> bool:
+        """Whether the request's `authorization` values (exactly one is allowed) carry a configured token."""
+        if len(authorization) != 1 or not isinstance(authorization[0], str):
+            return False
+        if not authorization[0].startswith("Bearer "):
+            return False
+        given = authorization[0].removeprefix("Bearer ").strip().encode()
+        # Every token is compared (constant time each), so the time taken says nothing about which matched.
+        return sum(hmac.compare_digest(given, token) for token in self._tokens) > 0
+
+
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, config: AuthConfig) -> None:
         self.config = config
-        self._tokens = [token.encode() for token in sorted(config.tokens)]
+        self._checker = TokenChecker(config.tokens)
 
     def _is_open(self, method: str) -> bool:
         return method.startswith(_HEALTH) or (self.config.public_reflection and method.startswith(_REFLECTION))
 
     def _authorized(self, metadata: tuple) -> bool:
-        return authorized([value for key, value in metadata or () if key == "authorization"], self._tokens)
+        return self._checker.accepts([value for key, value in metadata or () if key == "authorization"])
 
     async def intercept_service(
         self,
@@ -80,4 +90,4 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or self._is_open(details.method) or self._authorized(details.invocation_metadata):
             return handler
-        return _deny(handler, "missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
+        return _deny(handler, DENIED)

@@ -215,12 +215,14 @@ class DynamicBatcher:
         queue_seconds = [started - item.enqueued for item in batch]
         size = sum(len(item.images) for item in batch)
         outputs: np.ndarray | None = None
+        failure: Exception | None = None
         try:
             outputs = self.run(np.concatenate([item.images for item in batch]))
         except Exception as error:  # noqa: BLE001 - any failure of the model must reach every waiting caller
-            failure: Exception | None = error
+            failure = error
         else:
-            failure = None
+            if len(outputs) != size:  # split by position, a wrong row count would hand callers others' rows
+                failure = RuntimeError(f"the model returned {len(outputs)} output rows for a batch of {size} images")
         compute = time.monotonic() - started
         # Small batches cost more per image than the full ones that a loaded queue runs: only batches at least
         # half full say how fast a queue drains.

@@ -12,13 +12,12 @@ from atop_proto import classify_pb2_grpc as pb_grpc
 from atop_server.core import Call, InferenceCore
 from atop_server.errors import InvalidInput
 from atop_server.metrics import Metrics
-from atop_server.servicing import answer_each, call_of, request_id, rpc
+from atop_server.servicing import answer_each, call_of, request_id
 
 
 class ClassifierService(pb_grpc.ClassifierServicer):
     def __init__(self, core: InferenceCore, metrics: Metrics) -> None:
         self.core, self.metrics = core, metrics
-        self.Classify = rpc("Classify", metrics, lambda r: r.model)(type(self).Classify).__get__(self)
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         return await self._classify(request, call_of(context))
@@ -34,7 +33,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             return pb.ClassifyResponse(request_id=request_id(request.request_id), error=message, code=code.name)
 
         async for response in answer_each(
-            "ClassifyStream", self.metrics, requests, lambda r: self._classify(r, call), on_error, lambda r: r.model
+            "ClassifyStream", self.metrics, requests, lambda r: self._classify(r, call), on_error
         ):
             yield response
 

@@ -123,7 +123,12 @@ OPTIONS: list[tuple[str, Callable[[str], Any], object, str]] = [
     ("max_request_pixels", integer(1), core.max_request_pixels, "decoded pixels of one request's images"),
     ("max_pixels_in_flight", integer(1), core.max_pixels_in_flight, "decoded pixels of all requests at once"),
     ("max_message_mb", integer(1, MAX_GRPC_MESSAGE_MB), 64, "largest gRPC message, MiB"),
-    ("max_streams_per_connection", integer(1), 128, "concurrent gRPC streams one connection may open"),
+    (
+        "max_streams_per_connection",
+        integer(1),
+        ServerConfig.max_streams_per_connection,
+        "concurrent gRPC streams one connection may open",
+    ),
     ("grace_seconds", number(0), 30.0, "SIGTERM: time in-flight requests get to finish"),
     ("log_level", choice(LOG_LEVELS, str.upper), "INFO", "DEBUG, INFO, WARNING, ERROR"),
     ("grpc_use_ssl", boolean, False, "TLS (needs --grpc-server-cert and --grpc-server-key)"),
@@ -133,6 +138,7 @@ OPTIONS: list[tuple[str, Callable[[str], Any], object, str]] = [
     ("grpc_use_ssl_mutual", boolean, False, "mutual TLS: clients must present a certificate (needs --grpc-root-cert)"),
     ("auth_token_file", Path, "", "file of bearer tokens, one per line ('#' comments); also ATOP_AUTH_TOKENS"),
     ("public_reflection", boolean, False, "with tokens: server reflection answers without one"),
+    ("public_metrics", boolean, False, "with tokens: /metrics answers without one"),
 ]
 
 
@@ -193,7 +199,7 @@ def _auth(parser: OneLineParser, args: argparse.Namespace) -> AuthConfig:
             parser.error(f"--auth-token-file {args.auth_token_file}: holds no token")
         tokens |= from_file
     try:
-        return AuthConfig(tokens=tokens, public_reflection=args.public_reflection)
+        return AuthConfig(tokens=tokens, public_reflection=args.public_reflection, public_metrics=args.public_metrics)
     except ValueError as error:
         parser.error(f"--auth-token-file / ATOP_AUTH_TOKENS: {error}")
 

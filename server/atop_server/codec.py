@@ -1,37 +1,21 @@
-"""Bytes in, arrays out: image decoding and the KServe v2 tensor encodings (no grpc, no onnxruntime)."""
+"""Bytes in, arrays out: image decoding, and the KServe v2 tensor encodings of atop_proto.tensors with their
+errors as InvalidInput (no grpc, no onnxruntime)."""
 
 from __future__ import annotations
 
 import contextlib
 import io
-import math
-import struct
 from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from atop_proto import tensors
 from atop_server.errors import InvalidInput
 
 # Pillow refuses images above this many pixels (a decompression bomb: a small file that decodes to GBs).
 MAX_IMAGE_PIXELS = 50_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-
-# KServe v2 datatype -> numpy dtype (little-endian, as the protocol requires).
-DATATYPES = {
-    "BOOL": np.dtype(bool),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-}
 
 
 @contextlib.contextmanager
@@ -76,32 +60,21 @@ def decode_image(data: bytes, size: int, index: int) -> np.ndarray:
         return np.asarray(rgb, dtype=np.uint8)
 
 
+@contextlib.contextmanager
+def _tensor_errors_are_invalid_input() -> Iterator[None]:
+    try:
+        yield
+    except tensors.TensorFormatError as error:
+        raise InvalidInput(str(error)) from None
+
+
 def split_bytes_tensor(buffer: bytes, count: int) -> list[bytes]:
-    """A raw BYTES tensor: `count` elements, each a 4-byte little-endian length then that many bytes."""
-    items, offset = [], 0
-    for i in range(count):
-        if offset + 4 > len(buffer):
-            raise InvalidInput(f"BYTES tensor ends inside the length of element {i} (expected {count} elements)")
-        (length,) = struct.unpack_from("<I", buffer, offset)
-        offset += 4
-        if offset + length > len(buffer):
-            raise InvalidInput(f"BYTES element {i} claims {length} bytes, only {len(buffer) - offset} remain")
-        items.append(bytes(buffer[offset : offset + length]))
-        offset += length
-    if offset != len(buffer):
-        raise InvalidInput(f"BYTES tensor has {len(buffer) - offset} bytes after its {count} elements")
-    return items
-
-
-def join_bytes_tensor(items: list[bytes]) -> bytes:
-    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+    """A raw BYTES tensor's `count` elements (atop_proto.tensors); malformed framing is InvalidInput."""
+    with _tensor_errors_are_invalid_input():
+        return tensors.split_bytes_tensor(buffer, count)
 
 
 def array_from_raw(buffer: bytes, datatype: str, shape: tuple[int, ...]) -> np.ndarray:
-    if datatype not in DATATYPES:
-        raise InvalidInput(f"datatype {datatype!r} cannot be sent as a numeric raw tensor")
-    dtype = DATATYPES[datatype]
-    expected = math.prod(shape) * dtype.itemsize
-    if len(buffer) != expected:
-        raise InvalidInput(f"{datatype} tensor of shape {list(shape)} needs {expected} bytes, got {len(buffer)}")
-    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+    """A numeric raw tensor (atop_proto.tensors); a size or datatype that does not fit is InvalidInput."""
+    with _tensor_errors_are_invalid_input():
+        return tensors.array_from_raw(buffer, datatype, shape)

@@ -17,13 +17,14 @@ import numpy as np
 
 from atop_proto import grpc_service_pb2 as pb
 from atop_proto import grpc_service_pb2_grpc as pb_grpc
+from atop_proto.tensors import join_bytes_tensor
 from atop_server import __version__
-from atop_server.codec import array_from_raw, join_bytes_tensor, split_bytes_tensor
+from atop_server.codec import array_from_raw, split_bytes_tensor
 from atop_server.core import Call, InferenceCore, ServedModel
 from atop_server.errors import InvalidInput
 from atop_server.metrics import Metrics
 from atop_server.outputs import STABILITY, Answer
-from atop_server.servicing import answer_each, call_of, request_id, rpc
+from atop_server.servicing import answer_each, call_of, request_id
 
 EXTENSIONS = ["classification", "model_configuration", "statistics"]
 PLATFORM = "onnxruntime_onnx"
@@ -77,17 +78,6 @@ def _classification_strings(probabilities: np.ndarray, k: int, labels: list[str]
 class KServeService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, core: InferenceCore, metrics: Metrics, max_images: int) -> None:
         self.core, self.metrics, self.max_images = core, metrics, max_images
-        # The error-mapping wrapper is applied per instance so that it records into this server's metrics.
-        for method, model_of in (
-            ("ModelReady", lambda r: r.name),
-            ("ModelMetadata", lambda r: r.name),
-            ("ModelInfer", lambda r: r.model_name),
-            ("ModelConfig", lambda r: r.name),
-            ("ModelStatistics", lambda r: r.name),
-            ("RepositoryIndex", lambda r: ""),
-        ):
-            handler = getattr(type(self), method)
-            setattr(self, method, rpc(method, metrics, model_of)(handler).__get__(self))
 
     # -- health and metadata ------------------------------------------------------------------------------
     async def ServerLive(
@@ -220,9 +210,7 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
                 error_message=f"{code.name}: {message}", infer_response=pb.ModelInferResponse(id=request.id)
             )
 
-        async for response in answer_each(
-            "ModelStreamInfer", self.metrics, requests, handle, on_error, lambda r: r.model_name
-        ):
+        async for response in answer_each("ModelStreamInfer", self.metrics, requests, handle, on_error):
             yield response
 
     async def infer(self, request: pb.ModelInferRequest, call: Call) -> pb.ModelInferResponse:

@@ -11,7 +11,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
-from atop_server.batcher import Execution
+from atop_server.auth import DENIED, AuthConfig, TokenChecker
+from atop_server.batcher import DynamicBatcher, Execution
 
 
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
@@ -23,14 +24,21 @@ class _QuietHandler(WSGIRequestHandler):
         """Scrapes are not worth a log line each."""
 
 
-def only_metrics(app: Callable) -> Callable:
+def only_metrics(app: Callable, auth: AuthConfig) -> Callable:
     """The metrics app at /metrics and nothing else: any other path is 404, so a health probe aimed at this
-    port by mistake fails instead of seeing 200."""
+    port by mistake fails instead of seeing 200. With tokens, a scrape needs one (Prometheus' `authorization`
+    setting) unless the metrics are public: they tell who uses which model how much, and what fails."""
+    checker = TokenChecker(auth.tokens) if auth.tokens and not auth.public_metrics else None
+    plain = ("Content-Type", "text/plain; charset=utf-8")
 
     def routed(environ: dict, start_response: Callable) -> Iterable[bytes]:
         if environ.get("PATH_INFO") != "/metrics":
-            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            start_response("404 Not Found", [plain])
             return [b"not found: the metrics are at /metrics\n"]
+        given = environ.get("HTTP_AUTHORIZATION")
+        if checker is not None and not checker.accepts([] if given is None else [given]):
+            start_response("401 Unauthorized", [plain, ("WWW-Authenticate", 'Bearer realm="atop-serve metrics"')])
+            return [f"{DENIED}\n".encode()]
         return app(environ, start_response)
 
     return routed
@@ -76,6 +84,15 @@ class Metrics:
         """Bounded label values: a client naming random models must not grow the metrics without end."""
         return name if name in self.served else "unknown"
 
+    def record_request(self, method: str, model: str, code: str, seconds: float) -> None:
+        """One RPC, or one message of a stream: counted by status code and timed."""
+        self.requests.labels(method, model, code).inc()
+        self.request_seconds.labels(method, model).observe(seconds)
+
+    def watch_queue(self, model: str, batcher: DynamicBatcher) -> None:
+        """atop_queue_images{model} reads the batcher's queue at each scrape."""
+        self.queued_images.labels(model).set_function(lambda: batcher.queued_images)
+
     def record_execution(self, model: str, execution: Execution) -> None:
         self.executions.labels(model).inc()
         if not execution.failed:
@@ -84,9 +101,9 @@ class Metrics:
         self.compute_seconds.labels(model).inc(execution.compute_seconds)
         self.batch_size.labels(model).observe(execution.batch_size)
 
-    def serve(self, host: str, port: int) -> int:
+    def serve(self, host: str, port: int, auth: AuthConfig) -> int:
         """Start the /metrics HTTP endpoint in a daemon thread; returns the bound port (0 picks a free one)."""
-        app = only_metrics(make_wsgi_app(self.registry))
+        app = only_metrics(make_wsgi_app(self.registry), auth)
         server = make_server(host, port, app, server_class=_ThreadingServer, handler_class=_QuietHandler)
         threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
         return server.server_address[1]

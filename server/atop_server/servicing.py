@@ -1,5 +1,5 @@
-"""What both gRPC services share: the error mapping of unary calls and of each message of a stream, per-RPC
-metrics and logs, and who is calling until when.
+"""What both gRPC services share: the error mapping of unary calls (one interceptor) and of each message of a
+stream, per-RPC metrics and logs, and who is calling until when.
 
 The services run on grpc.aio: an idle stream or a request waiting on the batcher holds no thread, only a
 suspended coroutine, so health checks and other clients are always answered. A client that cancels (or
@@ -8,7 +8,6 @@ whose deadline passes) has its coroutine cancelled, which withdraws its queued w
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -55,26 +54,52 @@ def failure(method: str, model: str, request: Any, error: Exception) -> tuple[gr
     return code, f"internal error ({type(error).__name__}), logged by the server"
 
 
-def rpc(method: str, metrics: Metrics, model_of: Callable[[Any], str] = lambda request: "") -> Callable:
-    """Wrap a unary handler: errors become their status code with a message; every call is counted and timed."""
+def model_of(request: Any) -> str:
+    """The model a request names (ModelInfer's model_name, the metadata RPCs' name, Classify's model), or ""."""
+    for field in ("model_name", "name", "model"):
+        if field in type(request).DESCRIPTOR.fields_by_name:
+            return getattr(request, field)
+    return ""
 
-    def decorate(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        @functools.wraps(handler)
-        async def wrapped(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+
+class ServingInterceptor(grpc.aio.ServerInterceptor):
+    """Every unary RPC of the given services: a failure becomes its status code with a message (grpc_errors.py),
+    every call is counted and timed. Streams map errors and count per message (answer_each): a failed message
+    must not end the stream. Health and reflection pass untouched (probes would swamp the request metrics)."""
+
+    def __init__(self, metrics: Metrics, services: tuple[str, ...]) -> None:
+        self.metrics, self.services = metrics, services
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        service, _, method = details.method.lstrip("/").partition("/")
+        if handler is None or service not in self.services or handler.unary_unary is None:
+            return handler
+        return grpc.unary_unary_rpc_method_handler(
+            self._mapped(method, handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _mapped(self, method: str, behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        metrics = self.metrics
+
+        async def mapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started, model = time.monotonic(), metrics.model_label(model_of(request))
             code = grpc.StatusCode.OK
             try:
-                return await handler(self, request, context)
+                return await behaviour(request, context)
             except Exception as error:  # noqa: BLE001 - every failure becomes a status; bugs are logged as such
                 code, message = failure(method, model, request, error)
             finally:
-                metrics.requests.labels(method, model, code.name).inc()
-                metrics.request_seconds.labels(method, model).observe(time.monotonic() - started)
+                metrics.record_request(method, model, code.name, time.monotonic() - started)
             await context.abort(code, message)
 
-        return wrapped
-
-    return decorate
+        return mapped
 
 
 async def answer_each(
@@ -83,7 +108,6 @@ async def answer_each(
     requests: AsyncIterator[Any],
     handle: Callable[[Any], Awaitable[Any]],
     on_error: Callable[[Any, grpc.StatusCode, str], Any],
-    model_of: Callable[[Any], str],
 ) -> AsyncIterator[Any]:
     """A stream's responses, one per request in order: a failed request is answered by on_error(request, code,
     message) and the stream goes on; only the client ending, cancelling or its deadline passing ends it."""
@@ -95,6 +119,5 @@ async def answer_each(
         except Exception as error:  # noqa: BLE001 - one message's failure is answered, the stream goes on
             code, message = failure(method, model, request, error)
             response = on_error(request, code, message)
-        metrics.requests.labels(method, model, code.name).inc()
-        metrics.request_seconds.labels(method, model).observe(time.monotonic() - started)
+        metrics.record_request(method, model, code.name, time.monotonic() - started)
         yield response

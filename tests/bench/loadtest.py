@@ -59,15 +59,15 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-async def timed_infer(stub, message: pb.ModelInferRequest, deadline: float) -> tuple[str, float]:
-    """The status code name of one request and how long its answer took."""
+async def timed_infer(stub, message: pb.ModelInferRequest, deadline: float) -> tuple[str, str, float]:
+    """The status code name of one request, its message and how long its answer took."""
     started = time.monotonic()
     try:
         await stub.ModelInfer(message, timeout=deadline)
-        code = "OK"
+        code, details = "OK", ""
     except grpc.aio.AioRpcError as error:
-        code = error.code().name
-    return code, time.monotonic() - started
+        code, details = error.code().name, error.details() or ""
+    return code, details, time.monotonic() - started
 
 
 async def capacity(stub: pb_grpc.GRPCInferenceServiceStub, message: pb.ModelInferRequest, args) -> float:
@@ -88,26 +88,29 @@ async def capacity(stub: pb_grpc.GRPCInferenceServiceStub, message: pb.ModelInfe
 
 async def overload(stub, health, message, rate: float, pid: int, args) -> dict:
     codes: Counter[str] = Counter()
+    example: dict[str, str] = {}  # the first message of each failing code: says who refused, and why
     latency: dict[str, list[float]] = {"OK": [], "RESOURCE_EXHAUSTED": []}
     health_latency: list[float] = []
-    health_failures = 0
+    health_failures: Counter[str] = Counter()  # by status code
     rss = [rss_mb(pid)]
     stop = asyncio.Event()
 
     async def one() -> None:
-        code, seconds = await timed_infer(stub, message, args.deadline)
+        code, details, seconds = await timed_infer(stub, message, args.deadline)
         codes[code] += 1
+        if details:
+            example.setdefault(code, details)
         latency.setdefault(code, []).append(seconds)
 
     async def probe() -> None:
-        nonlocal health_failures
         while not stop.is_set():
             started = time.monotonic()
             try:
                 await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
                 health_latency.append(time.monotonic() - started)
-            except grpc.aio.AioRpcError:
-                health_failures += 1
+            except grpc.aio.AioRpcError as error:
+                health_failures[error.code().name] += 1
+                example.setdefault("health " + error.code().name, error.details() or "")
             rss.append(rss_mb(pid))
             await asyncio.sleep(0.1)
 
@@ -124,6 +127,7 @@ async def overload(stub, health, message, rate: float, pid: int, args) -> dict:
         "offered_requests_per_second": round(rate, 1),
         "requests": len(tasks),
         "codes": dict(codes),
+        "messages": example,
         "unanswered": codes.get("DEADLINE_EXCEEDED", 0),
         "ok_ms": {"p50": percentile(latency["OK"], 50), "p99": percentile(latency["OK"], 99)},
         "refused_ms": {
@@ -135,7 +139,7 @@ async def overload(stub, health, message, rate: float, pid: int, args) -> dict:
             "p99": percentile(health_latency, 99),
             "max": percentile(health_latency, 100),
         },
-        "health_failures": health_failures,
+        "health_failures": dict(health_failures),
         "rss_mb": {"start": round(rss[0]), "peak": round(max(rss)), "end": round(rss_mb(pid))},
     }
 
@@ -149,7 +153,7 @@ async def measure(address: str, pid: int, args) -> dict:
         report["overload"] = await overload(
             stub, health_pb2_grpc.HealthStub(probes), message, rate * args.overload, pid, args
         )
-        code, seconds = await timed_infer(stub, message, args.deadline)
+        code, _, seconds = await timed_infer(stub, message, args.deadline)
         report["right_after"] = {"code": code, "ms": round(seconds * 1000, 1)}
     return report
 

@@ -6,9 +6,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
 
 from atop_server.batcher import BatcherConfig, DynamicBatcher
 from atop_server.errors import DeadlineExceeded, NotReady, Overloaded
+from atop_server.metrics import Metrics
 
 
 class GatedModel:
@@ -102,6 +104,32 @@ def test_a_failing_model_fails_every_request_of_the_batch_and_the_batcher_goes_o
     errors = [f.exception(timeout=5) for f in (a, b)]
     assert any(isinstance(e, RuntimeError) for e in errors)
     assert batcher.submit([np.ones(1)])[0].result(timeout=5).tolist() == [1.0]
+    batcher.close()
+
+
+def test_a_model_returning_the_wrong_row_count_fails_the_batch_instead_of_mixing_answers():
+    gate = threading.Event()
+    batcher = DynamicBatcher(lambda b: (gate.wait(), b[:-1])[1], BatcherConfig(max_batch_size=8))
+    futures = [batcher.submit([np.full(2, float(i))])[0] for i in range(3)]
+    gate.set()
+    for future in futures:
+        with pytest.raises(RuntimeError, match="output rows for a batch of"):
+            future.result(timeout=5)
+    batcher.close()
+
+
+def test_the_queue_gauge_reads_the_batcher():
+    model, metrics = GatedModel(), Metrics()
+    batcher = DynamicBatcher(model, BatcherConfig(max_batch_size=2))
+    metrics.watch_queue("m", batcher)
+    running = batcher.submit([np.zeros(2)])[0]
+    assert model.entered.wait(5)  # the first request runs (held at the gate); the next ones wait in the queue
+    waiting = batcher.submit([np.zeros(2), np.zeros(1)])
+    assert 'atop_queue_images{model="m"} 3.0' in generate_latest(metrics.registry).decode()
+    model.gate.set()
+    for future in (running, *waiting):
+        future.result(timeout=5)
+    assert 'atop_queue_images{model="m"} 0.0' in generate_latest(metrics.registry).decode()
     batcher.close()
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from atop_server.codec import array_from_raw, decode_image, join_bytes_tensor, split_bytes_tensor
+from atop_proto.tensors import join_bytes_tensor
+from atop_server.codec import array_from_raw, decode_image, split_bytes_tensor
 from atop_server.errors import InvalidInput
 
 

@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -17,6 +19,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from serving import start_server
 
 from atop_proto import classify_pb2, classify_pb2_grpc
@@ -75,7 +78,19 @@ def test_idle_streams_do_not_starve_health_or_other_clients(server):
             assert all(list(stream) == [] for stream in streams)  # each ends cleanly once its client closes
 
 
+def request_counts(server) -> Counter:
+    """atop_requests_total by (method, model, code), scraped from the server's metrics port."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=60).read().decode()
+    counts: Counter = Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "atop_requests_total":
+                counts[sample.labels["method"], sample.labels["model"], sample.labels["code"]] = sample.value
+    return counts
+
+
 def test_errors_on_streams_are_answered_per_message_and_the_stream_goes_on(server):
+    before = request_counts(server)
     with grpc.insecure_channel(server.address) as channel:
         requests = [
             infer_request(),
@@ -102,6 +117,19 @@ def test_errors_on_streams_are_answered_per_message_and_the_stream_goes_on(serve
         with pytest.raises(grpc.RpcError) as error:
             pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(infer_request(draws="²"), timeout=60)
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    # Every message of a stream is counted by its own status, as every unary call is (one model label
+    # for unknown names, so that clients cannot grow the metrics).
+    counted = request_counts(server)
+    counted.subtract(before)
+    assert +counted == {
+        ("ModelStreamInfer", "tiny", "OK"): 2,
+        ("ModelStreamInfer", "tiny", "INVALID_ARGUMENT"): 2,
+        ("ClassifyStream", "tiny", "INVALID_ARGUMENT"): 1,
+        ("ClassifyStream", "unknown", "NOT_FOUND"): 1,
+        ("ClassifyStream", "tiny", "OK"): 1,
+        ("ModelInfer", "tiny", "INVALID_ARGUMENT"): 1,
+    }
 
 
 @pytest.mark.slow

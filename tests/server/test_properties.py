@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from atop_proto import grpc_service_pb2 as pb
+from atop_proto.tensors import DATATYPES, join_bytes_tensor
 from atop_server.batcher import BatcherConfig
-from atop_server.codec import DATATYPES, array_from_raw, join_bytes_tensor, split_bytes_tensor
+from atop_server.codec import array_from_raw, split_bytes_tensor
 from atop_server.core import Call, CoreConfig, InferenceCore
 from atop_server.errors import InvalidInput, ServeError
 from atop_server.grpc_errors import HANDLED

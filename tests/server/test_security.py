@@ -3,6 +3,8 @@ CA or a missing client certificate is refused, tokens guard every RPC but health
 a token in plaintext; the command line wires Triton's TLS flags."""
 
 import io
+import urllib.error
+import urllib.request
 
 import grpc
 import numpy as np
@@ -34,7 +36,8 @@ def server_pem(ca):
 
 
 def serve(repository, **options) -> Server:
-    server = Server(ServerConfig(core=CoreConfig(repository, models=("tiny",)), port=0, metrics_port=-1, **options))
+    options.setdefault("metrics_port", -1)
+    server = Server(ServerConfig(core=CoreConfig(repository, models=("tiny",)), port=0, **options))
     server.start()
     return server
 
@@ -134,6 +137,31 @@ def test_public_reflection_and_the_client_refusing_plaintext_tokens(tiny_reposit
         server.stop()
 
 
+def scrape(port: int, token: str = "") -> tuple[int, str]:
+    """The metrics port's status code and body for a GET /metrics, with the bearer token if given."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+@pytest.mark.parametrize("public", [False, True])
+def test_metrics_need_a_token_unless_public(tiny_repository, public):
+    server = serve(tiny_repository, metrics_port=0, auth=AuthConfig(frozenset({TOKEN}), public_metrics=public))
+    try:
+        status, body = scrape(server.metrics_port, TOKEN)
+        assert status == 200 and "atop_server_ready 1.0" in body
+        for token in ("", "wrong-token-0123456789"):
+            status, body = scrape(server.metrics_port, token)
+            assert (status, "atop_server_ready" in body) == ((200, True) if public else (401, False))
+        assert scrape(server.metrics_port, TOKEN)[0] == 200
+    finally:
+        server.stop()
+
+
 def test_the_command_line_reads_tls_files_and_tokens(tiny_repository, tmp_path, ca, server_pem, monkeypatch):
     (tmp_path / "server.crt").write_bytes(server_pem.cert)
     (tmp_path / "server.key").write_bytes(server_pem.key)
@@ -145,8 +173,8 @@ def test_the_command_line_reads_tls_files_and_tokens(tiny_repository, tmp_path, 
             *("--model-repository", str(tiny_repository), "--grpc-use-ssl", "true"),
             *("--grpc-server-cert", str(tmp_path / "server.crt"), "--grpc-server-key", str(tmp_path / "server.key")),
             *("--grpc-root-cert", str(tmp_path / "ca.crt"), "--grpc-use-ssl-mutual"),
-            *("--auth-token-file", str(tmp_path / "tokens")),
+            *("--auth-token-file", str(tmp_path / "tokens"), "--public-metrics", "true"),
         ]
     )
     assert config.tls == TlsConfig(server_pem.cert, server_pem.key, ca.pem, mutual=True)
-    assert config.auth.tokens == {TOKEN, "another-token-0123456789"}
+    assert config.auth == AuthConfig(frozenset({TOKEN, "another-token-0123456789"}), public_metrics=True)

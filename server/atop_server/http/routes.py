@@ -29,8 +29,8 @@ MODEL_PATHS = ("/v2/models/{model}", "/v2/models/{model}/versions/{version}")
 
 
 class RestApi:
-    """Handlers calling KServeService's unwrapped handlers (the class's functions): the instance's are wrapped
-    for gRPC (status codes, grpc's abort); here the error middleware maps failures (server.py)."""
+    """Handlers calling KServeService's own: those raise the serving errors, which the error middleware maps
+    (server.py) as the gRPC interceptor does for gRPC. None of them but infer reads the gRPC context."""
 
     def __init__(self, service: KServeService, max_body_bytes: int, timeout_seconds: float) -> None:
         self.service, self.max_body_bytes, self.timeout_seconds = service, max_body_bytes, timeout_seconds
@@ -65,39 +65,37 @@ class RestApi:
         return request.match_info.get("model", ""), request.match_info.get("version", "")
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            to_json(await KServeService.ServerMetadata(self.service, pb.ServerMetadataRequest(), None))
-        )
+        return web.json_response(to_json(await self.service.ServerMetadata(pb.ServerMetadataRequest(), None)))
 
     async def live(self, request: web.Request) -> web.Response:
-        live = (await KServeService.ServerLive(self.service, pb.ServerLiveRequest(), None)).live
+        live = (await self.service.ServerLive(pb.ServerLiveRequest(), None)).live
         return web.json_response({"live": live}, status=200 if live else 503)
 
     async def ready(self, request: web.Request) -> web.Response:
-        ready = (await KServeService.ServerReady(self.service, pb.ServerReadyRequest(), None)).ready
+        ready = (await self.service.ServerReady(pb.ServerReadyRequest(), None)).ready
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     async def model_ready(self, request: web.Request) -> web.Response:
         name, version = self._model(request)
         message = pb.ModelReadyRequest(name=name, version=version)
-        ready = (await KServeService.ModelReady(self.service, message, None)).ready
+        ready = (await self.service.ModelReady(message, None)).ready
         return web.json_response({"name": name, "ready": ready}, status=200 if ready else 503)
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         message = pb.ModelMetadataRequest(name=self._model(request)[0], version=self._model(request)[1])
-        return web.json_response(to_json(await KServeService.ModelMetadata(self.service, message, None)))
+        return web.json_response(to_json(await self.service.ModelMetadata(message, None)))
 
     async def model_config(self, request: web.Request) -> web.Response:
         message = pb.ModelConfigRequest(name=self._model(request)[0], version=self._model(request)[1])
-        response = await KServeService.ModelConfig(self.service, message, None)
+        response = await self.service.ModelConfig(message, None)
         return web.json_response(to_json(response.config))  # Triton answers the config itself, unwrapped
 
     async def statistics(self, request: web.Request) -> web.Response:
         message = pb.ModelStatisticsRequest(name=self._model(request)[0], version=self._model(request)[1])
-        return web.json_response(to_json(await KServeService.ModelStatistics(self.service, message, None)))
+        return web.json_response(to_json(await self.service.ModelStatistics(message, None)))
 
     async def repository_index(self, request: web.Request) -> web.Response:
-        index = await KServeService.RepositoryIndex(self.service, pb.RepositoryIndexRequest(), None)
+        index = await self.service.RepositoryIndex(pb.RepositoryIndexRequest(), None)
         return web.json_response([to_json(model) for model in index.models])  # a list, as Triton's
 
     async def openapi(self, request: web.Request) -> web.Response:

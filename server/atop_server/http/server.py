@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from atop_server.auth import AuthConfig, authorized
+from atop_server.auth import DENIED, AuthConfig, TokenChecker
 from atop_server.http.routes import DEMO_HEADERS, RestApi
 from atop_server.http.status import error_response, status_of
 from atop_server.kserve import KServeService
@@ -87,7 +87,7 @@ class HttpServer:
         tls: TlsConfig | None,
     ) -> None:
         self.config, self.metrics, self.auth, self.tls = config, metrics, auth, tls
-        self._tokens = [token.encode() for token in sorted(auth.tokens)]
+        self._tokens = TokenChecker(auth.tokens)
         self.app = web.Application(
             client_max_size=max_body_bytes, middlewares=[self._errors_and_metrics, self._authenticate]
         )
@@ -138,14 +138,13 @@ class HttpServer:
         except Exception as error:  # noqa: BLE001 - every failure becomes a status; bugs are logged as such
             code, message = failure(method, model, request, error)
             response = error_response(status_of(code), message)
-        self.metrics.requests.labels(method, model, str(response.status)).inc()
-        self.metrics.request_seconds.labels(method, model).observe(time.monotonic() - started)
+        self.metrics.record_request(method, model, str(response.status), time.monotonic() - started)
         return response
 
     @web.middleware
     async def _authenticate(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not self._tokens or request.path.startswith(_OPEN_PREFIXES) or not request.path.startswith("/v2"):
+        if not self.auth.tokens or request.path.startswith(_OPEN_PREFIXES) or not request.path.startswith("/v2"):
             return await handler(request)
-        if not authorized(request.headers.getall("Authorization", []), self._tokens):
-            return error_response(401, "missing or wrong bearer token (header 'Authorization: Bearer <token>')")
+        if not self._tokens.accepts(request.headers.getall("Authorization", [])):
+            return error_response(401, DENIED)
         return await handler(request)

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from atop_proto import grpc_service_pb2 as pb
-from atop_server.codec import DATATYPES, split_bytes_tensor
+from atop_proto.tensors import DATATYPES, join_bytes_tensor
+from atop_server.codec import split_bytes_tensor
 from atop_server.errors import InvalidInput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -129,7 +130,7 @@ def infer_request(document: dict[str, Any], binary: bytes, model: str, version: 
                 raise InvalidInput(f"{where} has neither 'data' nor parameters.binary_data_size")
             items, raw = _json_data(item["data"], tensor.datatype, shape, where)
             if items is not None:
-                request.raw_input_contents.append(b"".join(len(x).to_bytes(4, "little") + x for x in items))
+                request.raw_input_contents.append(join_bytes_tensor(items))
             else:
                 request.raw_input_contents.append(raw)  # type: ignore[arg-type]
         _parameters({k: v for k, v in parameters.items() if k != "binary_data_size"}, tensor.parameters, where)
