@@ -9,7 +9,7 @@ RUN := $(UV) run --frozen
 .PHONY: help install serve-install test test-browser demo-screenshot lint serve format clean proto bench loadtest fuzz container-test export train-default zoo
 
 help:
-	@echo "make serve           start the gRPC server on the shipped default model (installs the serving side only)"
+	@echo "make serve           gRPC, REST and the demo page on the shipped default model (installs the serving side only)"
 	@echo "                     variables: MODEL_REPOSITORY=DIR HOST=0.0.0.0 PORT=8001 HTTP_PORT=8000 METRICS_PORT=8002"
 	@echo "make serve-install   install only the serving side into .venv: server, clients, proto (no torch)"
 	@echo "make install         install every workspace package into .venv: also the trainer and exporter (torch)"

@@ -36,19 +36,19 @@ class RestApi:
         self.service, self.max_body_bytes, self.timeout_seconds = service, max_body_bytes, timeout_seconds
 
     def demo_routes(self) -> list[web.AbstractRouteDef]:
-        return [web.get("/", self.demo_page, name="DemoPage"), web.static("/demo", DEMO)]
+        return [web.get("/", self.demo_page), web.static("/demo", DEMO)]
 
     async def demo_page(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(DEMO / "index.html")
 
     def routes(self) -> list[web.RouteDef]:
         routes = [
-            web.get("/v2", self.server_metadata, name="ServerMetadata"),
-            web.get("/v2/health/live", self.live, name="ServerLive"),
-            web.get("/v2/health/ready", self.ready, name="ServerReady"),
-            web.post("/v2/repository/index", self.repository_index, name="RepositoryIndex"),
-            web.get("/v2/models/stats", self.statistics, name="ModelStatistics"),
-            web.get("/v2/openapi.json", self.openapi, name="OpenAPI"),
+            web.get("/v2", self.server_metadata),
+            web.get("/v2/health/live", self.live),
+            web.get("/v2/health/ready", self.ready),
+            web.post("/v2/repository/index", self.repository_index),
+            web.get("/v2/models/stats", self.statistics),
+            web.get("/v2/openapi.json", self.openapi),
         ]
         for path in MODEL_PATHS:
             routes += [
@@ -82,16 +82,19 @@ class RestApi:
         return web.json_response({"name": name, "ready": ready}, status=200 if ready else 503)
 
     async def model_metadata(self, request: web.Request) -> web.Response:
-        message = pb.ModelMetadataRequest(name=self._model(request)[0], version=self._model(request)[1])
+        name, version = self._model(request)
+        message = pb.ModelMetadataRequest(name=name, version=version)
         return web.json_response(to_json(await self.service.ModelMetadata(message, None)))
 
     async def model_config(self, request: web.Request) -> web.Response:
-        message = pb.ModelConfigRequest(name=self._model(request)[0], version=self._model(request)[1])
+        name, version = self._model(request)
+        message = pb.ModelConfigRequest(name=name, version=version)
         response = await self.service.ModelConfig(message, None)
         return web.json_response(to_json(response.config))  # Triton answers the config itself, unwrapped
 
     async def statistics(self, request: web.Request) -> web.Response:
-        message = pb.ModelStatisticsRequest(name=self._model(request)[0], version=self._model(request)[1])
+        name, version = self._model(request)
+        message = pb.ModelStatisticsRequest(name=name, version=version)
         return web.json_response(to_json(await self.service.ModelStatistics(message, None)))
 
     async def repository_index(self, request: web.Request) -> web.Response:
