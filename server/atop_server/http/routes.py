@@ -106,18 +106,24 @@ class RestApi:
 
     async def infer(self, request: web.Request) -> web.Response:
         body = await self._body(request)
-        document, binary = parse_body(body, request.headers.get(HEADER_LENGTH))
-        message = infer_request(document, binary, *self._model(request))
+        # Parsing and writing JSON of up to --max-message-mb runs in a thread: the loop serves gRPC and health too.
+        length = request.headers.get(HEADER_LENGTH)
+        message = await asyncio.to_thread(self._message, body, length, *self._model(request))
         peer: Any = request.transport.get_extra_info("peername") if request.transport else None
         # The fairness key is the connection, as gRPC's peer is (host and port).
         call = Call(client=f"http:{peer[0]}:{peer[1]}" if peer else "http")
         response = await self.service.infer(message, call)
-        header, data = infer_response(message, response)
+        header, data = await asyncio.to_thread(infer_response, message, response)
         if not data:
             return web.Response(body=header, content_type="application/json")
         answer = web.Response(body=header + data, content_type="application/octet-stream")
         answer.headers[HEADER_LENGTH] = str(len(header))
         return answer
+
+    @staticmethod
+    def _message(body: bytes, header_length: str | None, model: str, version: str) -> pb.ModelInferRequest:
+        document, binary = parse_body(body, header_length)
+        return infer_request(document, binary, model, version)
 
     async def _body(self, request: web.Request) -> bytes:
         """The whole body, refused at once when announced too large (413), or when it does not arrive in time
