@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DOWNLOADABLE = ("cifar10", "cifar100")
+DEFAULT_SOURCE = "../shared/datasets/cifar10-jpg.tar.gz"  # the trainer's and evaluators' --data-source
 
 
 @dataclass

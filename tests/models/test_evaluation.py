@@ -9,11 +9,11 @@ import torchattacks
 from atop_models.attacks import FGSM, PGD, EOTGradient
 from atop_models.checkpoint import load_model, read_config, save_model
 from atop_models.data import load_split
-from atop_models.evaluation import attacks as eval_attacks
+from atop_models.evaluation import named_attacks
 from atop_models.evaluation.clean import main as clean_accuracy_main
 from atop_models.evaluation.cli import main as atop_eval
-from atop_models.evaluation.report import mcnemar_one_sided, sanity_checks
-from atop_models.evaluation.runner import wilson95
+from atop_models.evaluation.report import sanity_checks
+from atop_models.evaluation.statistics import mcnemar_one_sided, wilson95
 from atop_models.pipeline import DefendedClassifier, PipelineConfig
 from atop_models.purifiers import PURIFIERS
 from atop_models.rt import RandomTransform, RTConfig
@@ -62,8 +62,8 @@ def test_attacks_stay_in_the_ball_and_in_range(trained, name, norm, epsilon):
     out, classifier, x, y, _ = trained
     purifier = load_model(out / "purifier", "purifier")[0].eval().requires_grad_(False)
     defense = DefendedClassifier(RandomTransform(RTConfig()), purifier, classifier, PipelineConfig()).eval()
-    spec = eval_attacks.parse(f"{name}:steps=3:eot=2", 3, 3, 2)
-    x_adv = eval_attacks.run(spec, defense, classifier, x[:8], y[:8], norm, epsilon, randomized=True, seed=0)
+    spec = named_attacks.parse(f"{name}:steps=3:eot=2", 3, 3, 2)
+    x_adv = named_attacks.run(spec, defense, classifier, x[:8], y[:8], norm, epsilon, randomized=True, seed=0)
     delta = (x_adv - x[:8]).flatten(1)
     size = delta.abs().max(1).values if norm == "linf" else delta.norm(dim=1)
     assert (size <= epsilon + 1e-5).all() and x_adv.min() >= 0 and x_adv.max() <= 1
@@ -76,8 +76,8 @@ def test_attacks_stay_in_the_ball_and_in_range(trained, name, norm, epsilon):
 @pytest.mark.parametrize("name", ["apgd-ce", "apgd-dlr", "autoattack-rand"])
 def test_apgd_breaks_the_undefended_classifier(trained, name):
     _, classifier, x, y, _ = trained
-    spec = eval_attacks.parse(f"{name}:steps=10", 10, 10, 1)
-    x_adv = eval_attacks.run(spec, classifier, classifier, x, y, "linf", 8 / 255, randomized=False, seed=0)
+    spec = named_attacks.parse(f"{name}:steps=10", 10, 10, 1)
+    x_adv = named_attacks.run(spec, classifier, classifier, x, y, "linf", 8 / 255, randomized=False, seed=0)
     assert accuracy(classifier, x_adv, y) <= 0.1
 
 
@@ -87,7 +87,7 @@ def test_least_correct_keeps_each_images_worst_candidate(trained):
     broken = classifier(x_adv).argmax(1) != y
     assert broken.any() and (classifier(x).argmax(1) == y).all()
     for candidates in ([x, x_adv], [x_adv, x]):
-        picked = eval_attacks.least_correct(classifier, candidates, y, draws=1)
+        picked = named_attacks.least_correct(classifier, candidates, y, draws=1)
         assert torch.equal(picked[broken], x_adv[broken])
     # Where both are classified correctly, the lower true-class probability decides.
     x_weak = PGD(EOTGradient(classifier), 0.5 / 255, 0.25 / 255, 2)(x, y)
@@ -95,7 +95,7 @@ def test_least_correct_keeps_each_images_worst_candidate(trained):
         true_class = [classifier(z).softmax(1).gather(1, y[:, None]).squeeze(1) for z in (x, x_weak)]
         both_right = classifier(x_weak).argmax(1) == y
     weaker = both_right & (true_class[1] < true_class[0])
-    picked = eval_attacks.least_correct(classifier, [x, x_weak], y, draws=1)
+    picked = named_attacks.least_correct(classifier, [x, x_weak], y, draws=1)
     assert weaker.any() and torch.equal(picked[weaker], x_weak[weaker])
     assert torch.equal(picked[both_right & ~weaker], x[both_right & ~weaker])
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from atop_models.discriminator import DISCRIMINATORS, SNPatchGAN
-from atop_models.layers import ContextualAttention
 from atop_models.purifiers import PURIFIERS
+from atop_models.purifiers.layers import ContextualAttention
 from atop_models.rt import RandomTransform, RTConfig
 
 ARCHS = {"deepfillv2": {"cnum": 8}, "unet": {"width": 8, "groups": 4}}

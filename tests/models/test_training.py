@@ -10,12 +10,13 @@ import torch
 
 from atop_models.checkpoint import load_state
 from atop_models.classifiers import CLASSIFIERS
+from atop_models.runtime import Runtime
 from atop_models.train import classifier as classifier_training
 from atop_models.train import purifier as purifier_training
 from atop_models.train.cli import main
 from atop_models.train.common import DataConfig
 from atop_models.train.loop import fit
-from atop_models.train.runtime import RunDir, Runtime
+from atop_models.train.run_dir import RunDir
 
 CPU = Runtime(torch.device("cpu"))
 TINY_CLASSIFIER = ["--arch-kwargs", '{"widths": [16, 32, 32]}', "--batch-size", "32"]

@@ -13,8 +13,8 @@ import torch
 
 from atop_models.checkpoint import read_config, sha256_file
 from atop_models.data import load_split
-from atop_models.evaluate import accuracy
 from atop_models.evaluation.defenses import Checkpoints, build
+from atop_models.evaluation.statistics import accuracy
 
 REPO = Path(__file__).resolve().parents[2]
 ZOO = REPO / "models" / "zoo"

@@ -18,12 +18,10 @@ from pathlib import Path
 import torch
 
 from atop_models.checkpoint import read_config
-from atop_models.data import load_split
-from atop_models.evaluate import predictions
+from atop_models.data import DEFAULT_SOURCE, load_split
 from atop_models.evaluation import defenses
-from atop_models.evaluation.runner import wilson95
-from atop_models.train.common import DEFAULT_DATA
-from atop_models.train.runtime import setup_runtime
+from atop_models.evaluation.statistics import predictions, wilson95
+from atop_models.runtime import setup_runtime
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--defenses", nargs="+", default=["undefended"], help="as atop-eval's, e.g. rt+atop@4")
     parser.add_argument("--images", type=int, default=0, help="0: the whole test split; N: a class-balanced subset")
     parser.add_argument("--out", type=Path, help="JSON file for the rows (also printed)")
-    parser.add_argument("--data-source", default=DEFAULT_DATA)
+    parser.add_argument("--data-source", default=DEFAULT_SOURCE)
     parser.add_argument("--data-cache-dir", default=".data")
     parser.add_argument(
         "--agreement",

@@ -21,11 +21,10 @@ import torch
 from safetensors.torch import load_file
 
 from atop_models.checkpoint import read_config
-from atop_models.data import load_split
+from atop_models.data import DEFAULT_SOURCE, load_split
 from atop_models.evaluation import defenses, report
 from atop_models.evaluation.runner import EvalConfig, evaluate, example_batch_file
-from atop_models.train.common import DEFAULT_DATA
-from atop_models.train.runtime import setup_runtime
+from atop_models.runtime import setup_runtime
 
 
 def epsilon(text: str) -> float:
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=512, help="class-balanced test images (the literature: 512)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--fast", action="store_true", help="CPU settings: 64 images, PGD-20, APGD-20, EOT-4")
-    parser.add_argument("--data-source", default=DEFAULT_DATA)
+    parser.add_argument("--data-source", default=DEFAULT_SOURCE)
     parser.add_argument("--data-cache-dir", default=".data")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")

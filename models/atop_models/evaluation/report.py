@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import torch
 
-from atop_models.evaluation.runner import example_stem, wilson95
+from atop_models.evaluation.runner import example_stem
+from atop_models.evaluation.statistics import mcnemar_one_sided, worst_case
 from atop_models.pipeline import DefendedClassifier
 
 SLACK = 0.05  # accuracy points by which a 'stronger' attack may exceed a weaker one before the check fails
@@ -59,35 +59,6 @@ def sanity_checks(rows: list[dict]) -> list[dict[str, Any]]:
     return checks
 
 
-def worst_case(rows: list[dict]) -> list[dict[str, Any]]:
-    """Per (defense, norm, epsilon) hit by two or more adaptive attacks: the images that survive every one.
-    AutoAttack's rule: robust accuracy is a per-image minimum over attacks, not the best single attack's figure
-    (against a randomized defense, different attacks break different images)."""
-    groups = defaultdict(list)
-    for r in rows:
-        if r["adaptive"] and r.get("robust_mask"):
-            groups[(r["defense"], r["norm"], r["epsilon"])].append(r)
-    worst = []
-    for (defense, norm, epsilon), members in groups.items():
-        if len(members) < 2:
-            continue
-        n = members[0]["n"]
-        survived = sum(all(m["robust_mask"][i] == "1" for m in members) for i in range(n))
-        worst.append(
-            {
-                "defense": defense,
-                "attacks": [m["attack"] for m in members],
-                "norm": norm,
-                "epsilon": epsilon,
-                "n": n,
-                "robust_accuracy": survived / n,
-                "ci95": wilson95(survived, n),
-                "strongest_single": min(m["robust_accuracy"] for m in members),
-            }
-        )
-    return worst
-
-
 def _epsilon(row: dict) -> str:
     return f"{row['epsilon'] * 255:.3g}/255" if row["norm"] == "linf" else f"{row['epsilon']:.3g}"
 
@@ -108,12 +79,6 @@ def _check(name: str, attack: dict, reference: dict) -> dict[str, Any]:
         detail += f"; robust only under the first {only_first}, only under the second {only_second}, p {p_value:.3f}"
     passed = not (excess > SLACK and p_value < ALPHA)
     return {"check": name, "defense": attack["defense"], "passed": passed, "detail": detail, "p_value": p_value}
-
-
-def mcnemar_one_sided(more: int, fewer: int) -> float:
-    """P(at least `more` of the `more + fewer` discordant pairs fall on one side | both sides equally likely)."""
-    n = more + fewer
-    return sum(math.comb(n, k) for k in range(more, n + 1)) / 2**n
 
 
 def plot_curves(rows: list[dict], path: Path) -> bool:

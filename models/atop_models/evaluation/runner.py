@@ -7,7 +7,6 @@ stopped. Each batch's attack is seeded from (seed, row, batch): rerunning a row 
 from __future__ import annotations
 
 import json
-import math
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +18,14 @@ from tqdm import tqdm
 
 from atop_models.attacks import Norm
 from atop_models.data import BatchLoader, ImageArrays, LoaderConfig
-from atop_models.evaluation import attacks, defenses
+from atop_models.evaluation import defenses, named_attacks
+from atop_models.evaluation.statistics import wilson95
 
 
 @dataclass(frozen=True)
 class Row:
     defense: str
-    attack: attacks.AttackSpec
+    attack: named_attacks.AttackSpec
     norm: Norm
     epsilon: float
 
@@ -51,19 +51,9 @@ class EvalConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in the report (data, command)
 
     def rows(self) -> list[Row]:
-        specs = [attacks.parse(a, self.pgd_steps, self.apgd_steps, self.eot) for a in self.attacks]
+        specs = [named_attacks.parse(a, self.pgd_steps, self.apgd_steps, self.eot) for a in self.attacks]
         epsilons = {"linf": self.linf_epsilons, "l2": self.l2_epsilons}
         return [Row(d, s, n, e) for d in self.defenses for s in specs for n in self.norms for e in epsilons[n]]
-
-
-def wilson95(successes: int, n: int) -> list[float]:
-    """95% Wilson score interval of a proportion (sound at 0 and 1, unlike the normal approximation)."""
-    if n == 0:
-        return [0.0, 1.0]
-    z, p = 1.959964, successes / n
-    center = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [max(0.0, center - half), min(1.0, center + half)]
 
 
 def _check_budget(x: torch.Tensor, x_adv: torch.Tensor, norm: Norm, epsilon: float, row: Row) -> None:
@@ -113,7 +103,7 @@ def evaluate(
                 torch.manual_seed(config.seed * 1_000_003 + zlib.crc32(row.key.encode()) + batch)
                 with torch.no_grad():
                     clean_ok = defense(x).argmax(1) == y
-                x_adv = attacks.run(
+                x_adv = named_attacks.run(
                     row.attack, defense, classifier, x, y, row.norm, row.epsilon, randomized, config.seed + batch
                 )
                 _check_budget(x, x_adv, row.norm, row.epsilon, row)

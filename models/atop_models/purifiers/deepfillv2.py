@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from atop_models.layers import ContextualAttention, GatedConv2d, GatedUpConv2d
+from atop_models.purifiers.layers import ContextualAttention, GatedConv2d, GatedUpConv2d
 from atop_models.purifiers.registry import PURIFIERS
 
 

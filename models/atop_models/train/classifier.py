@@ -17,11 +17,11 @@ from torch import nn
 from atop_models.checkpoint import save_model
 from atop_models.classifiers import CLASSIFIERS
 from atop_models.data import BatchLoader, ImageArrays, LoaderConfig
-from atop_models.evaluate import accuracy
+from atop_models.evaluation.statistics import accuracy
+from atop_models.runtime import Runtime
 from atop_models.train.adversarial import AdversarialConfig
 from atop_models.train.common import DataConfig
 from atop_models.train.options import help_field
-from atop_models.train.runtime import Runtime
 
 
 @dataclass(frozen=True)

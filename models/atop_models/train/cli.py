@@ -12,10 +12,11 @@ import json
 from pathlib import Path
 
 from atop_models.data import TooFewImages
+from atop_models.runtime import setup_runtime, teardown_runtime
 from atop_models.train import classifier, pipeline, purifier
 from atop_models.train.loop import fit
 from atop_models.train.options import add_options, from_options
-from atop_models.train.runtime import RunDir, setup_runtime, teardown_runtime
+from atop_models.train.run_dir import RunDir
 
 COMMANDS = {
     "classifier": (classifier.ClassifierConfig, classifier.build, "train the classifier"),

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from atop_models.data import ImageArrays, load_split
+from atop_models.data import DEFAULT_SOURCE, ImageArrays, load_split
 from atop_models.train.options import help_field
-
-DEFAULT_DATA = "../shared/datasets/cifar10-jpg.tar.gz"
 
 
 @dataclass(frozen=True)
 class DataConfig:
     source: str = help_field(
-        DEFAULT_DATA,
+        DEFAULT_SOURCE,
         "ImageFolder folder with train/ and test/, a .tar(.gz) of one, or cifar10 / cifar100 (download)",
     )
     cache_dir: str = help_field(".data", "where archives are extracted and decoded arrays cached (git-ignored)")

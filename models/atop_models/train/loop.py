@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from atop_models.checkpoint import load_state, save_state
 from atop_models.data import BatchLoader
-from atop_models.train.runtime import RunDir, Runtime, seed_everything
+from atop_models.runtime import Runtime, seed_everything
+from atop_models.train.run_dir import RunDir
 
 
 class Task(Protocol):

@@ -23,15 +23,15 @@ from torch import nn
 from atop_models.attacks import PGD, EOTGradient
 from atop_models.checkpoint import load_model, save_model
 from atop_models.data import BatchLoader, ImageArrays, LoaderConfig
-from atop_models.evaluate import accuracy, robust_accuracy
+from atop_models.evaluation.statistics import accuracy, robust_accuracy
 from atop_models.pipeline import DefendedClassifier, PipelineConfig, compose
 from atop_models.rt import RandomTransform, RTConfig
+from atop_models.runtime import Runtime
 from atop_models.train.adversarial import AdversarialConfig
 from atop_models.train.classifier import airbench_sgd, triangle
 from atop_models.train.common import DataConfig
 from atop_models.train.options import help_field
 from atop_models.train.purifier import l1_loss
-from atop_models.train.runtime import Runtime
 
 
 @dataclass(frozen=True)

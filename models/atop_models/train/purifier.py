@@ -23,13 +23,13 @@ from atop_models.attacks import FGSM, PGD, EOTGradient
 from atop_models.checkpoint import load_model, paths, save_model
 from atop_models.data import BatchLoader, ImageArrays, LoaderConfig
 from atop_models.discriminator import DISCRIMINATORS, hinge_d_loss, hinge_g_loss
-from atop_models.evaluate import accuracy, robust_accuracy
+from atop_models.evaluation.statistics import accuracy, robust_accuracy
 from atop_models.pipeline import DefendedClassifier, PipelineConfig, compose
 from atop_models.purifiers import PURIFIERS
 from atop_models.rt import RandomTransform, RTConfig
+from atop_models.runtime import Runtime
 from atop_models.train.common import DataConfig
 from atop_models.train.options import help_field
-from atop_models.train.runtime import Runtime
 
 
 @dataclass(frozen=True)

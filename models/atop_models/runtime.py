@@ -1,14 +1,10 @@
-"""Where a run executes (device, DDP rank) and where it writes (config, metrics, states, artifacts)."""
+"""Where a run executes: the device and, under torchrun, the DDP rank (training and evaluation alike)."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import random
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -82,52 +78,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class RunDir:
-    """A run's folder: config.json (what was asked), metrics.jsonl (one line per epoch), state.safetensors
-    (everything needed to resume), and the model artifacts. Only rank 0 writes."""
-
-    def __init__(self, path: str | Path, runtime: Runtime) -> None:
-        self.path = Path(path)
-        self.runtime = runtime
-        self.state_path = self.path / "state.safetensors"
-        self.metrics_path = self.path / "metrics.jsonl"
-
-    def start(self, command: str, config: Any, restart: bool) -> bool:
-        """Record the config; returns whether to resume. A run folder only resumes the same config."""
-        record = {"command": command, "config": dataclasses.asdict(config)}
-        config_path = self.path / "config.json"
-        resume = self.state_path.exists() and not restart
-        if resume:
-            previous = json.loads(config_path.read_text())
-            if json.loads(json.dumps(record)) != previous:
-                raise SystemExit(
-                    f"{self.path} holds a run with another config; pass --restart to overwrite it or use another --out"
-                )
-        if self.runtime.is_main:
-            self.path.mkdir(parents=True, exist_ok=True)
-            if not resume:
-                self.metrics_path.unlink(missing_ok=True)
-                self.state_path.unlink(missing_ok=True)
-            config_path.write_text(json.dumps(record, indent=2) + "\n")
-        self.runtime.barrier()
-        return resume
-
-    def log(self, metrics: dict[str, Any]) -> None:
-        if self.runtime.is_main:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
