@@ -19,6 +19,7 @@ from atop_export.checks import ExportCheckError
 from atop_export.exporter import ExportConfig, export_repository
 from atop_export.onnx_build import OPTIMIZATION_LEVELS
 from atop_models.checkpoint import paths, read_config
+from atop_models.defended import MismatchedCheckpoints
 
 
 def write_readme(repository: Path, reports: dict[str, dict], classifier: str, purifier: str, command: str) -> None:
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
         reports = export_repository(args.classifier, args.purifier, args.repository, config, command)
     except ExportCheckError as error:
         sys.exit(f"atop-export: check failed: {error}")
+    except MismatchedCheckpoints as error:
+        sys.exit(f"atop-export: {error}")
     write_readme(args.repository, reports, args.classifier, args.purifier, command)
     for name, report in reports.items():
         print(json.dumps({"model": name, **{k: v for k, v in report["checks"].items() if k != "unpredictability"}}))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,27 @@ def load_model(stem: str | Path, kind: str, map_location: str | torch.device = "
     model = _BUILDERS[kind].create(record["arch"], **record["arch_kwargs"])
     model.load_state_dict(load_file(str(weights), device=str(map_location)))
     return model, record
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    """A model with what rebuilds it (its architecture's registry name and constructor arguments); one loaded
+    from a checkpoint also carries that checkpoint's record and path."""
+
+    model: nn.Module
+    arch: str
+    arch_kwargs: dict
+    record: dict = field(default_factory=dict)
+    path: str = ""
+
+    def save(self, stem: str | Path, kind: str, **meta: Any) -> Path:
+        return save_model(stem, self.model, kind, self.arch, self.arch_kwargs, **meta)
+
+
+def load_built_model(stem: str | Path, kind: str) -> BuiltModel:
+    """`load_model`, with the architecture and the checkpoint's path kept beside the model."""
+    model, record = load_model(stem, kind)
+    return BuiltModel(model, record["arch"], record["arch_kwargs"], record, str(stem))
 
 
 def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:

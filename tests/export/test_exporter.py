@@ -11,7 +11,7 @@ from conftest import make_tiny_checkpoints
 
 from atop_export import checks
 from atop_export.cli import main
-from atop_export.exporter import load_pipeline
+from atop_models.defended import load_defended
 from atop_models.rt import RTConfig
 from atop_server.repository import ModelLoadError, ModelNotFoundError, list_models, load_model
 
@@ -116,7 +116,7 @@ def test_dynamic_batch_and_randomized_outputs(exported, batch):
 
 def test_pieces_match_pytorch(exported):
     repository, classifier, purifier = exported
-    pipeline, _, _ = load_pipeline(classifier, purifier)
+    pipeline = load_defended(classifier, purifier).pipeline.eval()
     images = torch.rand(4, 3, 32, 32)
     probabilities = load_model(repository, "atop_cifar10_classifier").session.run(None, {"IMAGE": images.numpy()})[0]
     with torch.no_grad():
@@ -146,7 +146,7 @@ def test_the_server_core_serves_every_classifier_and_skips_the_purifier_piece(ex
 def test_checks_fail_on_a_wrong_graph(exported, tmp_path):
     repository, classifier, purifier = exported
     path = repository / "atop_cifar10" / "1" / "model.onnx"
-    pipeline, _, _ = load_pipeline(classifier, purifier)
+    pipeline = load_defended(classifier, purifier).pipeline.eval()
     with torch.no_grad():
         pipeline.classifier.head.weight.mul_(-1)  # PyTorch now disagrees with the exported graph
     with pytest.raises(checks.ExportCheckError, match="differ from PyTorch"):

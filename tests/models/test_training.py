@@ -50,7 +50,7 @@ def pretrain_task(folder, tmp_path, **overrides):
         **overrides,
     )
     (tmp_path / "run").mkdir(exist_ok=True)
-    return purifier_training.build(config, CPU, tmp_path / "run")
+    return purifier_training.build_pretrain(config, CPU, tmp_path / "run")
 
 
 def grads(module: torch.nn.Module) -> float:
@@ -99,7 +99,7 @@ def test_finetune_trains_the_purifier_through_the_frozen_classifier(
         classifier=str(trained_classifier / "classifier"),
     )
     (tmp_path / "ft").mkdir()
-    task, loader = purifier_training.build(config, CPU, tmp_path / "ft")
+    task, loader = purifier_training.build_finetune(config, CPU, tmp_path / "ft")
     frozen_before = {k: v.clone() for k, v in task.classifier.state_dict().items()}
     g_before = {k: v.clone() for k, v in task.G.state_dict().items()}
     x, y = next(iter(loader))
@@ -107,7 +107,15 @@ def test_finetune_trains_the_purifier_through_the_frozen_classifier(
     warmup = task.train_step(x, y, epoch=0)
     assert "ce_adv" not in warmup and grads(task.G) == 0  # CE term off during warm-up; others weighted 0 here
 
+    # The purifier's mode in each of its forward passes: the attack sees it in eval mode even when the last
+    # step left it in train mode; the training pass then runs in train mode.
+    modes = []
+    task.G.register_forward_pre_hook(lambda module, inputs: modes.append(module.training))
+    built_attack = task.train_attack
     step = task.train_step(x, y, epoch=1)
+    assert task.train_attack is built_attack  # built once, not per step
+    attacked_passes = config.attack_steps if attack == "pgd-pipeline" else 0  # FGSM attacks the bare classifier
+    assert modes == [False] * attacked_passes + [True]
     assert "ce_adv" in step and grads(task.G) > 0  # the CE term's gradient reaches the purifier
     assert not any(p.requires_grad for p in task.classifier.parameters())
     assert not task.classifier.training

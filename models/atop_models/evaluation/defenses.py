@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from atop_models.checkpoint import load_model, read_config
-from atop_models.pipeline import DefendedClassifier, PipelineConfig
-from atop_models.rt import RandomTransform, RTConfig
+from atop_models.defended import load_defended
 
 NAMES = ("undefended", "rt", "rt+pretrained", "rt+atop")
 
@@ -45,9 +44,9 @@ def parse(name: str) -> tuple[str, int]:
 def build(name: str, checkpoints: Checkpoints, device: torch.device) -> tuple[nn.Module, nn.Module]:
     """(defense, its bare classifier), both in eval mode on `device`, gradients off for their weights."""
     base, draws = parse(name)
-    classifier, _ = load_model(checkpoints.classifier, "classifier")
-    classifier = classifier.eval().to(device).requires_grad_(False)
     if base == "undefended":
+        classifier, _ = load_model(checkpoints.classifier, "classifier")
+        classifier = classifier.eval().to(device).requires_grad_(False)
         return classifier, classifier
     purifier_path = {
         "rt": checkpoints.atop or checkpoints.pretrained,
@@ -56,9 +55,8 @@ def build(name: str, checkpoints: Checkpoints, device: torch.device) -> tuple[nn
     }[base]
     if not purifier_path:
         raise ValueError(f"defense {name!r} needs the {'--' + base.split('+')[-1]} purifier checkpoint")
-    purifier, record = load_model(purifier_path, "purifier")
-    rt = RandomTransform(RTConfig(**record["rt"]))
-    config = PipelineConfig(record["pipeline"]["output"], draws)
-    restorer = None if base == "rt" else purifier.eval().requires_grad_(False)  # rt: only the RT settings are used
-    defense = DefendedClassifier(rt, restorer, classifier, config)
-    return defense.eval().to(device), classifier
+    loaded = load_defended(checkpoints.classifier, purifier_path, draws=draws)
+    defense = loaded.pipeline.requires_grad_(False)
+    if base == "rt":
+        defense.purifier = None  # the RT-only baseline: only the purifier's RT settings are used
+    return defense.eval().to(device), defense.classifier

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from atop_models.data import TooFewImages
+from atop_models.defended import MismatchedCheckpoints
 from atop_models.runtime import setup_runtime, teardown_runtime
 from atop_models.train import classifier, pipeline, purifier
 from atop_models.train.loop import fit
@@ -20,10 +21,10 @@ from atop_models.train.run_dir import RunDir
 
 COMMANDS = {
     "classifier": (classifier.ClassifierConfig, classifier.build, "train the classifier"),
-    "pretrain": (purifier.PretrainConfig, purifier.build, "pretrain the purifier (L1 + GAN on RT'd inputs)"),
+    "pretrain": (purifier.PretrainConfig, purifier.build_pretrain, "pretrain the purifier (L1 + GAN on RT'd inputs)"),
     "finetune": (
         purifier.FinetuneConfig,
-        purifier.build,
+        purifier.build_finetune,
         "AToP: fine-tune the purifier with an adversarial loss",
     ),
     "pipeline": (
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"atop-train {args.command}: error: {error}: lower --batch-size or train on more images "
                 "(--data-train-images; 0 = all)\n",
             )
+        except MismatchedCheckpoints as error:
+            raise SystemExit(str(error)) from error
         history = fit(task, loader, run, runtime, config.epochs, config.seed, args.checkpoint_minutes, resume)
         if runtime.is_main and history:
             print(json.dumps(history[-1]))

@@ -18,14 +18,13 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from atop_models.attacks import PGD, EOTGradient
-from atop_models.checkpoint import load_model, save_model
 from atop_models.data import BatchLoader, ImageArrays, LoaderConfig
+from atop_models.defended import LoadedDefense, load_defended
 from atop_models.evaluation.statistics import accuracy, robust_accuracy
-from atop_models.pipeline import DefendedClassifier, PipelineConfig, compose
-from atop_models.rt import RandomTransform, RTConfig
+from atop_models.pipeline import PipelineConfig, compose
+from atop_models.rt import RTConfig
 from atop_models.runtime import Runtime
 from atop_models.train.adversarial import AdversarialConfig
 from atop_models.train.classifier import airbench_sgd, triangle
@@ -68,34 +67,23 @@ class PipelineTrainConfig:
     seed: int = help_field(0, "seeds data order, RT draws and attacks")
 
 
-@dataclass
-class Loaded:
-    """A model and the checkpoint record it came from."""
-
-    model: nn.Module
-    record: dict[str, Any]
-    path: str
-
-
 class PipelineTask:
     def __init__(
         self,
         config: PipelineTrainConfig,
         runtime: Runtime,
-        classifier: Loaded,
-        purifier: Loaded,
+        defended: LoadedDefense,
         test: ImageArrays,
         steps_per_epoch: int,
         out: Path,
     ) -> None:
         self.config, self.runtime, self.test, self.out = config, runtime, test, out
-        self.classifier_in, self.purifier_in = classifier, purifier
+        self.classifier_in, self.purifier_in = defended.classifier, defended.purifier
         device = runtime.device
-        self.classifier = classifier.model.to(device, memory_format=torch.channels_last)
-        self.purifier = purifier.model.to(device).requires_grad_(config.train_purifier)
-        self.pipeline = DefendedClassifier(
-            RandomTransform(config.rt), self.purifier, self.classifier, PipelineConfig(config.output)
-        )
+        # Moved in place: the pipeline holds these very modules.
+        self.classifier = defended.classifier.model.to(device, memory_format=torch.channels_last)
+        self.purifier = defended.purifier.model.to(device).requires_grad_(config.train_purifier)
+        self.pipeline = defended.pipeline
         self.classifier_train = runtime.wrap(self.classifier)
         self.purifier_train = runtime.wrap(self.purifier) if config.train_purifier else self.purifier
         self.optimizer = airbench_sgd(
@@ -180,16 +168,12 @@ class PipelineTask:
             "metrics": {"epoch": epoch + 1, **metrics},
             "lineage": lineage,
         }
-        for stem, loaded, extra in (
-            ("classifier", self.classifier_in, {}),
-            (
-                "purifier",
-                self.purifier_in,
-                {"rt": self.config.rt.to_dict(), "pipeline": dataclasses.asdict(PipelineConfig(self.config.output))},
-            ),
-        ):
-            record = loaded.record
-            save_model(self.out / stem, loaded.model, stem, record["arch"], record["arch_kwargs"], **common, **extra)
+        purifier_extra = {
+            "rt": self.config.rt.to_dict(),
+            "pipeline": dataclasses.asdict(PipelineConfig(self.config.output)),
+        }
+        self.classifier_in.save(self.out / "classifier", "classifier", **common)
+        self.purifier_in.save(self.out / "purifier", "purifier", **common, **purifier_extra)
 
     def state_dict(self) -> dict[str, Any]:
         state = {
@@ -216,17 +200,17 @@ class PipelineTask:
 def build(config: PipelineTrainConfig, runtime: Runtime, out: Path) -> tuple[PipelineTask, BatchLoader]:
     if not config.classifier or not config.purifier:
         raise SystemExit("pipeline needs --classifier and --purifier (the checkpoints to start from)")
-    classifier = Loaded(*load_model(config.classifier, "classifier"), config.classifier)
-    purifier = Loaded(*load_model(config.purifier, "purifier"), config.purifier)
-    size = classifier.record["image_size"]
-    classes = classifier.record["classes"]
-    if purifier.record["image_size"] != size or purifier.record.get("classes", classes) != classes:
-        raise SystemExit(f"{config.purifier} and {config.classifier} differ in image size or classes")
+    # --rt-* and --output replace the purifier's recorded settings; training draws RT once per image.
+    defended = load_defended(config.classifier, config.purifier, rt=config.rt, output=config.output, draws=1)
     train, test = config.data.load()
-    if train.classes != classes:
+    if train.classes != defended.classes:
         raise SystemExit(f"classifier {config.classifier} was trained on other classes than {config.data.source}")
     loader_config = LoaderConfig(
-        batch_size=config.batch_size, image_size=size, augment=True, crop_pad=config.crop_pad, flip="random"
+        batch_size=config.batch_size,
+        image_size=defended.image_size,
+        augment=True,
+        crop_pad=config.crop_pad,
+        flip="random",
     )
     loader = BatchLoader(train, loader_config, runtime.device, config.seed, runtime.rank, runtime.world_size)
-    return PipelineTask(config, runtime, classifier, purifier, test, len(loader), out), loader
+    return PipelineTask(config, runtime, defended, test, len(loader), out), loader

@@ -20,8 +20,9 @@ from torch import nn
 from torchvision.utils import save_image
 
 from atop_models.attacks import FGSM, PGD, EOTGradient
-from atop_models.checkpoint import load_model, paths, save_model
+from atop_models.checkpoint import BuiltModel, load_built_model, paths
 from atop_models.data import BatchLoader, ImageArrays, LoaderConfig
+from atop_models.defended import LoadedDefense, load_defended
 from atop_models.discriminator import DISCRIMINATORS, hinge_d_loss, hinge_g_loss
 from atop_models.evaluation.statistics import accuracy, robust_accuracy
 from atop_models.pipeline import DefendedClassifier, PipelineConfig, compose
@@ -99,53 +100,50 @@ def _frozen(model: nn.Module) -> nn.Module:
     return model
 
 
-class PurifierTask:
+class PretrainTask:
+    """The purifier's GAN training on RT'd clean images; with a classifier, the pipeline's accuracy is reported."""
+
     def __init__(
         self,
         config: PurifierTrainConfig,
         runtime: Runtime,
         test: ImageArrays,
         out: Path,
-        generator: tuple[nn.Module, str, dict],
-        discriminator: tuple[nn.Module, str, dict],
-        classifier: tuple[nn.Module, dict] | None,
+        generator: BuiltModel,
+        discriminator: BuiltModel,
+        classifier: BuiltModel | None,
         lineage: dict[str, Any],
     ) -> None:
         self.config, self.runtime, self.test, self.out, self.lineage = config, runtime, test, out, lineage
         device = runtime.device
-        (self.G, self.g_arch, self.g_kwargs) = (generator[0].to(device), generator[1], generator[2])
-        (self.D, self.d_arch, self.d_kwargs) = (
-            discriminator[0].to(device),
-            discriminator[1],
-            discriminator[2],
-        )
+        self.generator, self.discriminator = generator, discriminator
+        self.G, self.D = generator.model.to(device), discriminator.model.to(device)
         self.G_train, self.D_train = runtime.wrap(self.G), runtime.wrap(self.D)
         betas = (config.beta1, config.beta2)
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=config.lr, betas=betas)
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=config.lr, betas=betas)
         self.rt = RandomTransform(config.rt)
-        self.classifier, self.pipeline = None, None
+        self.classifier: nn.Module | None = None
+        self.pipeline: DefendedClassifier | None = None
+        self.classes: list[str] | None = None
         if classifier is not None:
-            self.classifier = _frozen(classifier[0].to(device))
-            self.classes = classifier[1]["classes"]
+            self.classifier = _frozen(classifier.model.to(device))
+            self.classes = classifier.record["classes"]
             self.pipeline = DefendedClassifier(self.rt, self.G, self.classifier, PipelineConfig(config.output))
 
-    # -- the AToP part ---------------------------------------------------------------------------------
-    def ce_active(self, epoch: int) -> bool:
-        return isinstance(self.config, FinetuneConfig) and epoch >= self.config.ce_warmup_epochs
-
-    def attack(self, kind: str, steps: int | None = None) -> PGD:
-        config = self.config
-        assert isinstance(config, FinetuneConfig) and self.pipeline is not None and self.classifier is not None
-        if kind == "fgsm-classifier":
-            return FGSM(EOTGradient(self.classifier), config.epsilon)
-        gradient = EOTGradient(self.pipeline, config.attack_eot)
-        return PGD(gradient, config.epsilon, config.attack_step_size, steps or config.attack_steps)
-
     # -- one step ----------------------------------------------------------------------------------------
+    def purifier_input(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
+        """The images the purifier learns to restore this step: the clean ones."""
+        return x
+
+    def add_classification_term(
+        self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor, epoch: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The generator's loss with a term on what the classifier sees, and that term's metrics: none here."""
+        return loss, {}
+
     def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, float]:
-        ce_on = self.ce_active(epoch)
-        x_in = self.attack(self.config.attack)(x, y) if ce_on else x  # type: ignore[attr-defined]
+        x_in = self.purifier_input(x, y, epoch)
         self.G_train.train()
         self.D_train.train()
         x_rt, mask = self.rt(x_in)
@@ -166,22 +164,12 @@ class PurifierTask:
         l1_coarse, l1_refine = l1_loss(coarse, x), l1_loss(refined, x)
         loss = self.config.gan_weight * g_gan
         loss = loss + self.config.l1_coarse_weight * l1_coarse + self.config.l1_refine_weight * l1_refine
-        metrics = {
-            "d_loss": d_loss.item(),
-            "g_gan": g_gan.item(),
-            "l1_coarse": l1_coarse.item(),
-            "l1_refine": l1_refine.item(),
-        }
-        if ce_on:
-            assert self.classifier is not None and isinstance(self.config, FinetuneConfig)
-            logits = self.classifier(out)
-            ce = F.cross_entropy(logits, y)
-            loss = loss + self.config.ce_weight * ce
-            metrics |= {"ce_adv": ce.item(), "accuracy_adv": (logits.argmax(1) == y).float().mean().item()}
+        loss, ce_metrics = self.add_classification_term(loss, out, y, epoch)
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_g.step()
-        return metrics | {"g_loss": loss.item()}
+        losses = {"d_loss": d_loss, "g_gan": g_gan, "l1_coarse": l1_coarse, "l1_refine": l1_refine}
+        return {k: v.item() for k, v in losses.items()} | ce_metrics | {"g_loss": loss.item()}
 
     # -- evaluation and artifacts -------------------------------------------------------------------------
     @torch.no_grad()
@@ -197,31 +185,23 @@ class PurifierTask:
         assert grid is not None
         return total / len(self.test), grid
 
-    def end_epoch(self, epoch: int) -> dict[str, Any]:
-        if not self.runtime.is_main:
-            return {}
+    def evaluate(self) -> dict[str, Any]:
+        """Test metrics after an epoch (rank 0); writes samples.png."""
         self.G.eval()
-        device, size = self.runtime.device, self.config.image_size
         l1, grid = self._reconstruction()
         save_image(grid, self.out / "samples.png", nrow=8)  # rows: clean, after RT, purified
         metrics: dict[str, Any] = {"test_l1": l1, "eval_images": len(self.test)}
         if self.pipeline is not None:
-            metrics["pipeline_accuracy"] = accuracy(self.pipeline, self.test, device, size)
-        if isinstance(self.config, FinetuneConfig) and self.config.eval_robust_images:
-            metrics |= self._robust_accuracy()
-        self._save(epoch, metrics)
+            size = self.config.image_size
+            metrics["pipeline_accuracy"] = accuracy(self.pipeline, self.test, self.runtime.device, size)
         return metrics
 
-    def _robust_accuracy(self) -> dict[str, Any]:
-        """A quick adaptive check: PGD-EOT through the whole pipeline on a few test images."""
-        config = self.config
-        assert isinstance(config, FinetuneConfig) and self.pipeline is not None
-        subset = self.test.subset(config.eval_robust_images)
-        robust = robust_accuracy(
-            self.pipeline, self.attack("pgd-pipeline"), subset, self.runtime.device, config.image_size
-        )
-        name = f"robust_accuracy_pgd{config.attack_steps}_eot{config.attack_eot}"
-        return {name: robust, "robust_images": len(subset)}
+    def end_epoch(self, epoch: int) -> dict[str, Any]:
+        if not self.runtime.is_main:
+            return {}
+        metrics = self.evaluate()
+        self._save(epoch, metrics)
+        return metrics
 
     def _save(self, epoch: int, metrics: dict[str, Any]) -> None:
         common = {
@@ -234,10 +214,10 @@ class PurifierTask:
             "rt": self.config.rt.to_dict(),
             "pipeline": dataclasses.asdict(PipelineConfig(self.config.output)),
         }
-        if self.classifier is not None:
+        if self.classes is not None:
             extra["classes"] = self.classes
-        save_model(self.out / "purifier", self.G, "purifier", self.g_arch, self.g_kwargs, **common, **extra)
-        save_model(self.out / "discriminator", self.D, "discriminator", self.d_arch, self.d_kwargs, **common)
+        self.generator.save(self.out / "purifier", "purifier", **common, **extra)
+        self.discriminator.save(self.out / "discriminator", "discriminator", **common)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -254,65 +234,140 @@ class PurifierTask:
         self.opt_d.load_state_dict(state["opt_d"])
 
 
-def _load_classifier(path: str, image_size: int) -> tuple[nn.Module, dict]:
-    model, record = load_model(path, "classifier")
-    if record["image_size"] != image_size:
-        raise SystemExit(
-            f"classifier {path} was trained at {record['image_size']} px, the pipeline runs at {image_size}"
+class FinetuneTask(PretrainTask):
+    """AToP: pretraining's losses plus lambda * CE(f(G(RT(x_adv))), y) through the frozen classifier, once the
+    warm-up epochs are over; x_adv is made against the current purifier."""
+
+    config: FinetuneConfig
+    classifier: nn.Module
+    pipeline: DefendedClassifier
+
+    def __init__(
+        self,
+        config: FinetuneConfig,
+        runtime: Runtime,
+        test: ImageArrays,
+        out: Path,
+        defended: LoadedDefense,
+        discriminator: BuiltModel,
+        lineage: dict[str, Any],
+    ) -> None:
+        super().__init__(config, runtime, test, out, defended.purifier, discriminator, defended.classifier, lineage)
+        # Built once: the attacks hold the pipeline, whose purifier trains in place.
+        self.check_attack = PGD(
+            EOTGradient(self.pipeline, config.attack_eot), config.epsilon, config.attack_step_size, config.attack_steps
         )
-    return model, record
+        if config.attack == "fgsm-classifier":
+            self.train_attack: PGD = FGSM(EOTGradient(self.classifier), config.epsilon)
+        else:
+            self.train_attack = self.check_attack
+
+    def ce_active(self, epoch: int) -> bool:
+        return epoch >= self.config.ce_warmup_epochs
+
+    def purifier_input(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
+        """x_adv once the CE term is on (clean images during the warm-up). The attack sees the purifier in eval
+        mode: the function that is served, whatever mode the last step or evaluation left it in."""
+        if not self.ce_active(epoch):
+            return x
+        self.G.eval()
+        return self.train_attack(x, y)
+
+    def add_classification_term(
+        self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor, epoch: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        if not self.ce_active(epoch):
+            return loss, {}
+        logits = self.classifier(out)
+        ce = F.cross_entropy(logits, y)
+        metrics = {"ce_adv": ce.item(), "accuracy_adv": (logits.argmax(1) == y).float().mean().item()}
+        return loss + self.config.ce_weight * ce, metrics
+
+    def evaluate(self) -> dict[str, Any]:
+        metrics = super().evaluate()
+        if self.config.eval_robust_images:
+            metrics |= self._robust_accuracy()
+        return metrics
+
+    def _robust_accuracy(self) -> dict[str, Any]:
+        """A quick adaptive check: PGD-EOT through the whole pipeline on a few test images."""
+        config = self.config
+        subset = self.test.subset(config.eval_robust_images)
+        device = self.runtime.device
+        robust = robust_accuracy(self.pipeline, self.check_attack, subset, device, config.image_size)
+        name = f"robust_accuracy_pgd{config.attack_steps}_eot{config.attack_eot}"
+        return {name: robust, "robust_images": len(subset)}
 
 
-def _new_discriminator(config: PurifierTrainConfig) -> tuple[nn.Module, str, dict]:
+def _check_classifier(classifier: BuiltModel, config: PurifierTrainConfig, classes: list[str]) -> None:
+    if classifier.record["image_size"] != config.image_size:
+        raise SystemExit(
+            f"classifier {classifier.path} was trained at {classifier.record['image_size']} px, "
+            f"the pipeline runs at {config.image_size}"
+        )
+    if classifier.record["classes"] != classes:
+        raise SystemExit(f"classifier {classifier.path} was trained on other classes than {config.data.source}")
+
+
+def _new_discriminator(config: PurifierTrainConfig) -> BuiltModel:
     d_kwargs = {"cnum": config.disc_cnum, "layers": config.disc_layers}
-    return DISCRIMINATORS.create("sn_patchgan", **d_kwargs), "sn_patchgan", d_kwargs
+    return BuiltModel(DISCRIMINATORS.create("sn_patchgan", **d_kwargs), "sn_patchgan", d_kwargs)
 
 
-def _finetune_discriminator(config: FinetuneConfig) -> tuple[nn.Module, str, dict]:
+def _finetune_discriminator(config: FinetuneConfig) -> BuiltModel:
     """--discriminator new, a given checkpoint, or (default) the one that pretraining saved beside --purifier."""
     if config.discriminator == "new":
         return _new_discriminator(config)
     path = config.discriminator or paths(config.purifier)[0].with_name("discriminator")
     try:
-        model, record = load_model(path, "discriminator")
+        return load_built_model(path, "discriminator")
     except FileNotFoundError as missing:
         raise SystemExit(
             f"{missing} (a shipped purifier comes without its discriminator): "
             "pass --discriminator PATH, or --discriminator new to start a fresh one"
         ) from missing
-    return model, record["arch"], record["arch_kwargs"]
 
 
-def build(config: PurifierTrainConfig, runtime: Runtime, out: Path) -> tuple[PurifierTask, BatchLoader]:
-    train, test = config.data.load()
+def _loader(config: PurifierTrainConfig, runtime: Runtime, train: ImageArrays) -> BatchLoader:
     loader_config = LoaderConfig(batch_size=config.batch_size, image_size=config.image_size)
-    loader = BatchLoader(train, loader_config, runtime.device, config.seed, runtime.rank, runtime.world_size)
+    return BatchLoader(train, loader_config, runtime.device, config.seed, runtime.rank, runtime.world_size)
+
+
+def build_pretrain(config: PretrainConfig, runtime: Runtime, out: Path) -> tuple[PretrainTask, BatchLoader]:
+    train, test = config.data.load()
+    loader = _loader(config, runtime, train)
     torch.manual_seed(config.seed)  # identical initial weights on every rank
-    classifier = _load_classifier(config.classifier, config.image_size) if config.classifier else None
-    if classifier is not None and classifier[1]["classes"] != train.classes:
-        raise SystemExit(f"classifier {config.classifier} was trained on other classes than {config.data.source}")
-    lineage: dict[str, Any] = {}
-    if classifier is not None:
-        lineage["classifier"] = {"path": config.classifier, "sha256": classifier[1]["weights_sha256"]}
-    if isinstance(config, PretrainConfig):
-        g_kwargs = {"cnum": config.cnum, "dilations": list(config.dilations)} if config.arch == "deepfillv2" else {}
-        g_kwargs |= config.arch_kwargs
-        generator = (PURIFIERS.create(config.arch, **g_kwargs), config.arch, g_kwargs)
-        discriminator = _new_discriminator(config)
-    elif isinstance(config, FinetuneConfig):
-        if not config.purifier or classifier is None:
-            raise SystemExit("finetune needs --purifier (a pretrained purifier) and --classifier")
-        g_model, g_record = load_model(config.purifier, "purifier")
-        generator = (g_model, g_record["arch"], g_record["arch_kwargs"])
-        discriminator = _finetune_discriminator(config)
-        lineage["discriminator"] = config.discriminator or "beside --purifier"
+    classifier, lineage = None, {}
+    if config.classifier:
+        classifier = load_built_model(config.classifier, "classifier")
+        _check_classifier(classifier, config, train.classes)
+        lineage["classifier"] = {"path": config.classifier, "sha256": classifier.record["weights_sha256"]}
+    g_kwargs = {"cnum": config.cnum, "dilations": list(config.dilations)} if config.arch == "deepfillv2" else {}
+    g_kwargs |= config.arch_kwargs
+    generator = BuiltModel(PURIFIERS.create(config.arch, **g_kwargs), config.arch, g_kwargs)
+    discriminator = _new_discriminator(config)
+    return PretrainTask(config, runtime, test, out, generator, discriminator, classifier, lineage), loader
+
+
+def build_finetune(config: FinetuneConfig, runtime: Runtime, out: Path) -> tuple[FinetuneTask, BatchLoader]:
+    train, test = config.data.load()
+    loader = _loader(config, runtime, train)
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    if not config.purifier or not config.classifier:
+        raise SystemExit("finetune needs --purifier (a pretrained purifier) and --classifier")
+    # The trainer's --rt-* and --output, not the purifier's recorded ones; training draws RT once per image.
+    defended = load_defended(config.classifier, config.purifier, rt=config.rt, output=config.output, draws=1)
+    _check_classifier(defended.classifier, config, train.classes)
+    lineage = {
+        "classifier": {"path": config.classifier, "sha256": defended.classifier.record["weights_sha256"]},
+        "discriminator": config.discriminator or "beside --purifier",
         # The starting purifier's own lineage rides along, so a chain of fine-tuning stages stays traceable
         # down to the pretrained purifier.
-        lineage["pretrained_purifier"] = {
+        "pretrained_purifier": {
             "path": config.purifier,
-            "sha256": g_record["weights_sha256"],
-            "lineage": g_record.get("lineage", {}),
-        }
-    else:
-        raise TypeError(f"unknown purifier config {type(config).__name__}")
-    return PurifierTask(config, runtime, test, out, generator, discriminator, classifier, lineage), loader
+            "sha256": defended.purifier.record["weights_sha256"],
+            "lineage": defended.purifier.record.get("lineage", {}),
+        },
+    }
+    discriminator = _finetune_discriminator(config)
+    return FinetuneTask(config, runtime, test, out, defended, discriminator, lineage), loader
