@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from torch import nn
 
 from atop_export import checks
 from atop_export.graphs import (
@@ -28,10 +32,9 @@ from atop_export.graphs import (
     example_input,
 )
 from atop_export.onnx_build import compose, export_module, optimize_offline, set_metadata, to_fp16
-from atop_export.repository import write_model, write_report
-from atop_models.checkpoint import load_model
-from atop_models.pipeline import DefendedClassifier, PipelineConfig
-from atop_models.rt import RandomTransform, RTConfig
+from atop_export.repository import publish_model, staged_model, write_report
+from atop_models.defended import load_defended
+from atop_models.pipeline import DefendedClassifier
 
 Precision = Literal["fp32", "fp16"]
 
@@ -50,20 +53,6 @@ class ExportConfig:
     parity_images: int = 32
     fp32_tolerance: float = 1e-4  # max |probability difference| vs PyTorch, FP32
     fp16_tolerance: float = 3e-2  # FP16 rounds every activation: looser
-
-
-def load_pipeline(classifier: str | Path, purifier: str | Path) -> tuple[DefendedClassifier, dict, dict]:
-    classifier_model, classifier_record = load_model(classifier, "classifier")
-    purifier_model, purifier_record = load_model(purifier, "purifier")
-    if classifier_record["image_size"] != purifier_record["image_size"]:
-        raise ValueError(
-            f"classifier is {classifier_record['image_size']} px, purifier {purifier_record['image_size']} px"
-        )
-    if purifier_record.get("classes", classifier_record["classes"]) != classifier_record["classes"]:
-        raise ValueError("the purifier was trained with a classifier of other classes")
-    rt = RandomTransform(RTConfig(**purifier_record["rt"]))
-    pipeline = DefendedClassifier(rt, purifier_model, classifier_model, PipelineConfig(**purifier_record["pipeline"]))
-    return pipeline.eval(), classifier_record, purifier_record
 
 
 def _metadata(kind: InputKind, size: int, pipeline: DefendedClassifier, records: dict, extra: dict) -> dict[str, str]:
@@ -120,102 +109,110 @@ def providers_for_checks() -> list[list[str]]:
     return [["CPUExecutionProvider"]] + ([["CUDAExecutionProvider"]] if "CUDAExecutionProvider" in available else [])
 
 
-def export_repository(
-    classifier: str | Path, purifier: str | Path, repository: Path, config: ExportConfig, command: str = ""
-) -> dict[str, dict]:
-    """Write and check every requested model; returns {model name: its report}."""
-    pipeline, classifier_record, purifier_record = load_pipeline(classifier, purifier)
-    records = {"classifier": classifier_record, "purifier": purifier_record}
-    size, labels = classifier_record["image_size"], classifier_record["classes"]
-    reports: dict[str, dict] = {}
+@dataclass(frozen=True)
+class PlannedModel:
+    """One model of the repository: how its graph is exported, and the checks its written file must pass."""
 
-    def finish(name: str, model: onnx.ModelProto, kind: InputKind, run_checks: Any, extra: dict) -> None:
-        export_info = {
-            "atop.export": {
-                "opset": config.opset,
-                "optimization_level": config.optimization_level,
-                "torch": torch.__version__,
-                "onnx": onnx.__version__,
-                "command": command,
-                **extra,
-            }
-        }
-        model = optimize_offline(model, config.optimization_level)
-        set_metadata(model, _metadata(kind, size, pipeline, records, export_info))
-        path = write_model(repository, name, config.version, model, labels, config.max_batch_size, config.gpu)
-        checks.check_structure(path)
-        report = {"model": name, "path": str(path.relative_to(repository)), **extra, "checks": run_checks(path)}
-        write_report(repository, name, report)
-        reports[name] = report
+    name: str
+    kind: InputKind  # the input it takes
+    info: dict[str, str]  # input, precision and role: recorded in its metadata and its report
+    export: Callable[[], onnx.ModelProto]
+    check: Callable[[Path], dict[str, Any]]
 
+
+def _check_defended(
+    pipeline: DefendedClassifier, kind: InputKind, size: int, images: torch.Tensor, tolerance: float, path: Path
+) -> dict[str, Any]:
+    return {
+        "parity": [checks.defended_parity(path, pipeline, images, tolerance, p) for p in providers_for_checks()],
+        "dynamic_batch": checks.dynamic_batch(path, kind, size, ["CPUExecutionProvider"]),
+        "rt": checks.rt_statistics(path, pipeline.rt.config, kind, size, ["CPUExecutionProvider"]),
+        "unpredictability": checks.unpredictability(path, kind, size),
+    }
+
+
+def _defended_plan(pipeline: DefendedClassifier, size: int, config: ExportConfig) -> list[PlannedModel]:
+    """The defended model for every input kind and precision: NAME[_uint8][_fp16]."""
+    plan = []
     for kind in config.inputs:
         images = checks.parity_images(kind, config.parity_images, size)
         for precision in config.precisions:
             name = config.name + ("" if kind == "float" else f"_{kind}") + ("" if precision == "fp32" else "_fp16")
             tolerance = config.fp32_tolerance if precision == "fp32" else config.fp16_tolerance
-            model = _export_defended(pipeline, kind, size, config, precision)
+            info = {"input": kind, "precision": precision, "role": "defended"}
+            export = partial(_export_defended, pipeline, kind, size, config, precision)
+            plan.append(
+                PlannedModel(
+                    name, kind, info, export, partial(_check_defended, pipeline, kind, size, images, tolerance)
+                )
+            )
+    return plan
 
-            def run_checks(
-                path: Path, kind: InputKind = kind, tolerance: float = tolerance, images: torch.Tensor = images
-            ) -> dict:
-                return {
-                    "parity": [
-                        checks.defended_parity(path, pipeline, images, tolerance, p) for p in providers_for_checks()
-                    ],
-                    "dynamic_batch": checks.dynamic_batch(path, kind, size, ["CPUExecutionProvider"]),
-                    "rt": checks.rt_statistics(path, pipeline.rt.config, kind, size, ["CPUExecutionProvider"]),
-                    "unpredictability": checks.unpredictability(path, kind, size),
-                }
 
-            finish(name, model, kind, run_checks, {"input": kind, "precision": precision, "role": "defended"})
+def _check_piece(feeds: dict[str, np.ndarray], expected: np.ndarray, tolerance: float, path: Path) -> dict[str, Any]:
+    return {"parity": [checks.compare(path, feeds, expected, tolerance, p) for p in providers_for_checks()]}
 
+
+def _piece(
+    name: str, role: str, module: nn.Module, inputs: dict[str, torch.Tensor], output: str, config: ExportConfig
+) -> PlannedModel:
+    """A deterministic part of the pipeline alone (float input, FP32), checked against PyTorch on `inputs`."""
+    with torch.no_grad():
+        expected = module(*inputs.values()).numpy()
+    feeds = {input_name: tensor.numpy() for input_name, tensor in inputs.items()}
+    example = tuple(tensor[:2] for tensor in inputs.values())
+    export = partial(export_module, module, example, list(inputs), [output], config.opset, config.max_batch_size)
+    info = {"input": "float", "precision": "fp32", "role": role}
+    return PlannedModel(name, "float", info, export, partial(_check_piece, feeds, expected, config.fp32_tolerance))
+
+
+def _pieces_plan(pipeline: DefendedClassifier, size: int, config: ExportConfig) -> list[PlannedModel]:
+    """NAME_classifier (the undefended baseline) and NAME_purifier (on one fixed RT draw), when asked for."""
     images = checks.parity_images("float", config.parity_images, size)
+    plan = []
     if "classifier" in config.pieces:
-        with torch.no_grad():
-            expected = ClassifierOnly(pipeline.classifier, "float")(images).numpy()
-        model = export_module(
-            ClassifierOnly(pipeline.classifier, "float"),
-            (images[:2],),
-            [INPUT],
-            [OUTPUT],
-            config.opset,
-            config.max_batch_size,
-        )
-        finish(
-            f"{config.name}_classifier",
-            model,
-            "float",
-            lambda path: {
-                "parity": [
-                    checks.compare(path, {INPUT: images.numpy()}, expected, config.fp32_tolerance, p)
-                    for p in providers_for_checks()
-                ]
-            },
-            {"input": "float", "precision": "fp32", "role": "classifier"},
-        )
+        module = ClassifierOnly(pipeline.classifier, "float")
+        plan.append(_piece(f"{config.name}_classifier", "classifier", module, {INPUT: images}, OUTPUT, config))
     if "purifier" in config.pieces:
-        generator = torch.Generator().manual_seed(0)
-        rt_image, mask = pipeline.rt(images, generator)
-        with torch.no_grad():
-            expected = PurifierOnly(pipeline)(rt_image, mask).numpy()
-        model = export_module(
-            PurifierOnly(pipeline),
-            (rt_image[:2], mask[:2]),
-            [RT_IMAGE, RT_MASK],
-            [PURIFIED],
-            config.opset,
-            config.max_batch_size,
+        rt_image, mask = pipeline.rt(images, torch.Generator().manual_seed(0))
+        inputs = {RT_IMAGE: rt_image, RT_MASK: mask}
+        plan.append(_piece(f"{config.name}_purifier", "purifier", PurifierOnly(pipeline), inputs, PURIFIED, config))
+    return plan
+
+
+def _export_info(config: ExportConfig, command: str, info: dict[str, str]) -> dict[str, Any]:
+    return {
+        "atop.export": {
+            "opset": config.opset,
+            "optimization_level": config.optimization_level,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "command": command,
+            **info,
+        }
+    }
+
+
+def export_repository(
+    classifier: str | Path, purifier: str | Path, repository: Path, config: ExportConfig, command: str = ""
+) -> dict[str, dict]:
+    """Write and check every requested model; returns {model name: its report}. Each model is checked under a
+    staging name and only then moved to model.onnx, so a failed check (ExportCheckError) leaves no model that the
+    server would load."""
+    loaded = load_defended(classifier, purifier)
+    pipeline, size = loaded.pipeline.eval(), loaded.image_size
+    records = {"classifier": loaded.classifier.record, "purifier": loaded.purifier.record}
+    reports: dict[str, dict] = {}
+    for planned in _defended_plan(pipeline, size, config) + _pieces_plan(pipeline, size, config):
+        model = optimize_offline(planned.export(), config.optimization_level)
+        set_metadata(
+            model, _metadata(planned.kind, size, pipeline, records, _export_info(config, command, planned.info))
         )
-        feeds = {RT_IMAGE: rt_image.numpy(), RT_MASK: mask.numpy()}
-        finish(
-            f"{config.name}_purifier",
-            model,
-            "float",
-            lambda path: {
-                "parity": [
-                    checks.compare(path, feeds, expected, config.fp32_tolerance, p) for p in providers_for_checks()
-                ]
-            },
-            {"input": "float", "precision": "fp32", "role": "purifier"},
-        )
+        with staged_model(repository, planned.name, config.version, model) as staged:
+            checks.check_structure(staged)
+            results = planned.check(staged)
+            path = publish_model(staged, model, loaded.classes, config.max_batch_size, config.gpu)
+        report = {"model": planned.name, "path": str(path.relative_to(repository)), **planned.info, "checks": results}
+        write_report(repository, planned.name, report)
+        reports[planned.name] = report
     return reports

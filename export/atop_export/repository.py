@@ -1,8 +1,13 @@
-"""Writing a model repository in Triton's layout: <repo>/<model>/config.pbtxt, labels.txt and <version>/model.onnx."""
+"""Writing a model repository in Triton's layout: <repo>/<model>/config.pbtxt, labels.txt and <version>/model.onnx.
+
+A model is written under a staging name, checked there, and moved to model.onnx only once every check passed."""
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,24 +55,37 @@ def config_pbtxt(name: str, inputs: list[Tensor], outputs: list[Tensor], max_bat
     )
 
 
-def write_model(
-    repository: Path,
-    name: str,
-    version: int,
-    model: onnx.ModelProto,
-    labels: list[str],
-    max_batch_size: int,
-    gpu: bool,
-) -> Path:
-    """Write one model; returns the path of its model.onnx."""
-    model_dir = repository / name
-    (model_dir / str(version)).mkdir(parents=True, exist_ok=True)
+STAGED_NAME = "model.onnx.partial"  # the server loads <version>/model.onnx only: a staged model is never served
+
+
+@contextmanager
+def staged_model(repository: Path, name: str, version: int, model: onnx.ModelProto) -> Iterator[Path]:
+    """Write `model` under a name the server does not load and yield its path, for the checks. A model not
+    published by the end of the block (a check failed) is removed, with the folders staging made and left empty."""
+    version_dir = repository / name / str(version)
+    version_dir.mkdir(parents=True, exist_ok=True)
+    staged = version_dir / STAGED_NAME
+    onnx.save(model, str(staged))
+    try:
+        yield staged
+    finally:
+        if staged.exists():
+            staged.unlink()
+            for folder in (version_dir, version_dir.parent):
+                if not any(folder.iterdir()):
+                    folder.rmdir()
+
+
+def publish_model(staged: Path, model: onnx.ModelProto, labels: list[str], max_batch_size: int, gpu: bool) -> Path:
+    """Write config.pbtxt and labels.txt beside a checked staged model, then move it to model.onnx in one rename;
+    returns the path of model.onnx."""
+    model_dir = staged.parent.parent
     labelled = {o.name for o in model.graph.output if o.type.tensor_type.shape.dim[-1].dim_value == len(labels)}
     inputs, outputs = tensors(list(model.graph.input), set()), tensors(list(model.graph.output), labelled)
-    (model_dir / "config.pbtxt").write_text(config_pbtxt(name, inputs, outputs, max_batch_size, gpu))
+    (model_dir / "config.pbtxt").write_text(config_pbtxt(model_dir.name, inputs, outputs, max_batch_size, gpu))
     (model_dir / "labels.txt").write_text("\n".join(labels) + "\n")
-    path = model_dir / str(version) / "model.onnx"
-    onnx.save(model, str(path))
+    path = staged.with_name("model.onnx")
+    os.replace(staged, path)
     return path
 
 
