@@ -41,7 +41,7 @@ install: .venv/.synced
 
 lint: install
 	$(RUN) ruff check .
-	$(RUN) ruff format --check models tests
+	$(RUN) ruff format --check .
 
 # Two pytest processes: tests/triton imports tritonclient, whose protobuf names clash with ours (pyproject).
 test: lint
@@ -63,7 +63,7 @@ demo-screenshot:
 
 format: install
 	$(RUN) ruff check --fix .
-	$(RUN) ruff format models tests
+	$(RUN) ruff format .
 
 # Regenerate the Python code of proto/atop_proto/*.proto (committed; tests/test_proto.py fails when stale).
 proto: install

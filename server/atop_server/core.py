@@ -26,13 +26,11 @@ from atop_server.codec import decode_image, image_pixels
 from atop_server.errors import (
     DeadlineExceeded,
     InvalidInput,
-    ModelLoadError,
-    ModelNotFoundError,
     NotReady,
     Overloaded,
 )
 from atop_server.outputs import IMAGE_OUTPUTS, Answer, answer, row_type
-from atop_server.repository import LoadedModel, list_models, load_model
+from atop_server.repository import LoadedModel, ModelLoadError, ModelNotFoundError, list_models, load_model
 
 log = logging.getLogger("atop_server")
 

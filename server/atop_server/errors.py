@@ -3,8 +3,6 @@ place (grpc_errors.py). Every message says what was wrong, for the client to act
 
 from __future__ import annotations
 
-from atop_server.repository import ModelLoadError, ModelNotFoundError
-
 
 class ServeError(Exception):
     pass
@@ -29,8 +27,6 @@ class DeadlineExceeded(ServeError):
 __all__ = [
     "DeadlineExceeded",
     "InvalidInput",
-    "ModelLoadError",
-    "ModelNotFoundError",
     "NotReady",
     "Overloaded",
     "ServeError",

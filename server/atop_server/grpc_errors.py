@@ -7,11 +7,10 @@ import grpc
 from atop_server.errors import (
     DeadlineExceeded,
     InvalidInput,
-    ModelLoadError,
-    ModelNotFoundError,
     NotReady,
     Overloaded,
 )
+from atop_server.repository import ModelLoadError, ModelNotFoundError
 
 CODES: dict[type[Exception], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,

@@ -126,7 +126,6 @@ def test_pieces_match_pytorch(exported):
 
 def test_the_server_core_serves_every_classifier_and_skips_the_purifier_piece(exported):
     from atop_server.core import CoreConfig, InferenceCore
-    from atop_server.errors import ModelLoadError as ServeLoadError
 
     repository, _, _ = exported
     core = InferenceCore(CoreConfig(repository))
@@ -139,7 +138,7 @@ def test_the_server_core_serves_every_classifier_and_skips_the_purifier_piece(ex
         "atop_cifar10_uint8_fp16",
     ]
     core.warmup()
-    with pytest.raises(ServeLoadError, match="purifier piece"):
+    with pytest.raises(ModelLoadError, match="purifier piece"):
         InferenceCore(CoreConfig(repository, models=("atop_cifar10_purifier",))).load()
 
 

@@ -11,7 +11,8 @@ from PIL import Image
 
 from atop_server.batcher import BatcherConfig
 from atop_server.core import Call, CoreConfig, InferenceCore
-from atop_server.errors import DeadlineExceeded, InvalidInput, ModelNotFoundError, NotReady, Overloaded
+from atop_server.errors import DeadlineExceeded, InvalidInput, NotReady, Overloaded
+from atop_server.repository import ModelNotFoundError
 
 
 def png(size: int, seed: int = 0) -> bytes:
