@@ -147,6 +147,40 @@ def plot_examples(
     plt.close(figure)
 
 
+def _worst_case_section(worst: list[dict]) -> list[str]:
+    return [
+        "",
+        "## Worst case over the adaptive attacks",
+        "",
+        "An image counts as robust only if it survived every adaptive attack of its row group. Each row drew",
+        "its own RT draws (clean and adversarial), so against a randomized defense this also counts an image",
+        "out when any one of those draws went wrong: an attacker who may submit each attack's image once.",
+        "",
+        "| defense | attacks | norm | epsilon | n | robust | 95% CI | strongest single attack |",
+        "|---|---|---|---|---|---|---|---|",
+        *(
+            f"| {w['defense']} | {'; '.join(w['attacks'])} | {w['norm']} | {_epsilon(w)} | {w['n']} "
+            f"| {w['robust_accuracy']:.3f} | {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f} | {w['strongest_single']:.3f} |"
+            for w in worst
+        ),
+    ]
+
+
+def _sanity_section(checks: list[dict]) -> list[str]:
+    return [
+        "",
+        "## Sanity checks (Carlini et al. 2019)",
+        "",
+        f"A comparison fails when the attack expected to be stronger leaves more images robust than the other by "
+        f"more than {SLACK:.0%} of the images and by more than chance (one-sided exact McNemar test on the paired "
+        f"images, p < {ALPHA}): each attack row draws its own random transforms.",
+        "",
+        "| check | defense | figures | passed |",
+        "|---|---|---|---|",
+        *(f"| {c['check']} | {c['defense']} | {c['detail']} | {'yes' if c['passed'] else '**no**'} |" for c in checks),
+    ]
+
+
 def write(rows: list[dict], out: Path, meta: dict[str, Any]) -> dict[str, Any]:
     checks = sanity_checks(rows)
     worst = worst_case(rows)
@@ -170,37 +204,9 @@ def write(rows: list[dict], out: Path, meta: dict[str, Any]) -> dict[str, Any]:
             f"| {r['robust_accuracy']:.3f} | {r['ci95'][0]:.3f}-{r['ci95'][1]:.3f} |"
         )
     if worst:
-        lines += [
-            "",
-            "## Worst case over the adaptive attacks",
-            "",
-            "An image counts as robust only if it survived every adaptive attack of its row group. Each row drew",
-            "its own RT draws (clean and adversarial), so against a randomized defense this also counts an image",
-            "out when any one of those draws went wrong: an attacker who may submit each attack's image once.",
-            "",
-            "| defense | attacks | norm | epsilon | n | robust | 95% CI | strongest single attack |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {w['defense']} | {'; '.join(w['attacks'])} | {w['norm']} | {_epsilon(w)} | {w['n']} "
-            f"| {w['robust_accuracy']:.3f} | {w['ci95'][0]:.3f}-{w['ci95'][1]:.3f} | {w['strongest_single']:.3f} |"
-            for w in worst
-        ]
+        lines += _worst_case_section(worst)
     if checks:
-        lines += [
-            "",
-            "## Sanity checks (Carlini et al. 2019)",
-            "",
-            f"A comparison fails when the attack expected to be stronger leaves more images robust than the other by "
-            f"more than {SLACK:.0%} of the images and by more than chance (one-sided exact McNemar test on the paired "
-            f"images, p < {ALPHA}): each attack row draws its own random transforms.",
-            "",
-            "| check | defense | figures | passed |",
-            "|---|---|---|---|",
-        ]
-        lines += [
-            f"| {c['check']} | {c['defense']} | {c['detail']} | {'yes' if c['passed'] else '**no**'} |" for c in checks
-        ]
+        lines += _sanity_section(checks)
     if has_curve:
         lines += ["", "![accuracy vs epsilon](accuracy_vs_epsilon.png)"]
     lines += [

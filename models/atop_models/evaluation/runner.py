@@ -30,6 +30,10 @@ class Row:
     epsilon: float
 
     @property
+    def randomized(self) -> bool:
+        return self.defense != "undefended"  # every other defense draws RT
+
+    @property
     def key(self) -> str:
         return f"{self.defense}|{self.attack.name}|{self.attack.steps}|{self.attack.eot}|{self.norm}|{self.epsilon:.6g}"
 
@@ -73,6 +77,36 @@ def example_batch_file(out: Path, defense: str) -> Path:
     return out / f"{example_stem(defense)}.safetensors"
 
 
+def _attack_batch(
+    config: EvalConfig,
+    row: Row,
+    defense: torch.nn.Module,
+    classifier: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch: int,
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """One batch of one row, seeded from (seed, row, batch): its progress record and its adversarial images."""
+    torch.manual_seed(config.seed * 1_000_003 + zlib.crc32(row.key.encode()) + batch)
+    with torch.no_grad():
+        clean_ok = defense(x).argmax(1) == y
+    x_adv = named_attacks.run(
+        row.attack, defense, classifier, x, y, row.norm, row.epsilon, row.randomized, config.seed + batch
+    )
+    _check_budget(x, x_adv, row.norm, row.epsilon, row)
+    with torch.no_grad():
+        adv_ok = defense(x_adv).argmax(1) == y
+    record = {
+        "row": row.key,
+        "batch": batch,
+        "n": len(y),
+        "clean": int(clean_ok.sum()),
+        "robust": int((clean_ok & adv_ok).sum()),
+        "robust_mask": "".join("1" if ok else "0" for ok in (clean_ok & adv_ok).tolist()),
+    }
+    return record, x_adv
+
+
 def evaluate(
     config: EvalConfig, data: ImageArrays, out: Path, device: torch.device
 ) -> tuple[list[dict], dict[str, tuple]]:
@@ -94,29 +128,12 @@ def evaluate(
         if row.defense not in built:
             built[row.defense] = defenses.build(row.defense, config.checkpoints, device)
         defense, classifier = built[row.defense]
-        randomized = row.defense != "undefended"
         clean = robust = n = 0
         masks: list[str] = []
         for batch, (x, y) in enumerate(tqdm(loader, desc=row.key, leave=False, unit="batch")):
             record = done.get((row.key, batch))
             if record is None:
-                torch.manual_seed(config.seed * 1_000_003 + zlib.crc32(row.key.encode()) + batch)
-                with torch.no_grad():
-                    clean_ok = defense(x).argmax(1) == y
-                x_adv = named_attacks.run(
-                    row.attack, defense, classifier, x, y, row.norm, row.epsilon, randomized, config.seed + batch
-                )
-                _check_budget(x, x_adv, row.norm, row.epsilon, row)
-                with torch.no_grad():
-                    adv_ok = defense(x_adv).argmax(1) == y
-                record = {
-                    "row": row.key,
-                    "batch": batch,
-                    "n": len(y),
-                    "clean": int(clean_ok.sum()),
-                    "robust": int((clean_ok & adv_ok).sum()),
-                    "robust_mask": "".join("1" if ok else "0" for ok in (clean_ok & adv_ok).tolist()),
-                }
+                record, x_adv = _attack_batch(config, row, defense, classifier, x, y, batch)
                 with open(progress, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 grid = example_batch_file(out, row.defense)
@@ -133,7 +150,7 @@ def evaluate(
                 "attack_name": row.attack.name,
                 "adaptive": row.attack.adaptive,
                 "steps": row.attack.steps,
-                "eot": row.attack.eot if randomized else 1,
+                "eot": row.attack.eot if row.randomized else 1,
                 "norm": row.norm,
                 "epsilon": row.epsilon,
                 "n": n,
