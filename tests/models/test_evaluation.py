@@ -202,7 +202,7 @@ def _row(attack_name: str, mask: str) -> dict:
 def test_sanity_checks_fail_only_on_more_than_random_transform_noise():
     assert mcnemar_one_sided(13, 7) == pytest.approx(0.1316, abs=1e-4)
     assert mcnemar_one_sided(0, 0) == 1.0
-    # 25 vs 19 robust of 64, 13 vs 7 discordant (session 6's rt+pretrained at 2/255): noise, passes.
+    # 25 vs 19 robust of 64, 13 vs 7 discordant (an earlier rt+pretrained at 2/255): noise, passes.
     pgd = "1" * 12 + "1" * 13 + "0" * 7 + "0" * 32
     fgsm = "1" * 12 + "0" * 13 + "1" * 7 + "0" * 32
     (noisy,) = sanity_checks([_row("pgd-eot", pgd), _row("fgsm", fgsm)])

@@ -21,7 +21,7 @@ ZOO = REPO / "models" / "zoo"
 CHECKPOINTS = Checkpoints(
     classifier=str(ZOO / "classifier"), pretrained=str(ZOO / "purifier-pretrained"), atop=str(ZOO / "purifier")
 )
-SIZE_BUDGET_BYTES = 30 * 2**20  # shipped checkpoints + the shipped ONNX repository (developers' guide)
+SIZE_BUDGET_BYTES = 30 * 2**20  # shipped checkpoints + the shipped ONNX repository
 
 # The shipped classifier alone: 248 of the 300 images, exactly (no randomness; a changed weight shows).
 UNDEFENDED_CORRECT = 248

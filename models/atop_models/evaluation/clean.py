@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from atop_models.checkpoint import read_config
-from atop_models.data import DEFAULT_SOURCE, load_split
+from atop_models.data import DEFAULT_SOURCE, SOURCE_HELP, load_split
 from atop_models.evaluation import defenses
 from atop_models.evaluation.statistics import predictions, wilson95
 from atop_models.runtime import setup_runtime
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--defenses", nargs="+", default=["undefended"], help="as atop-eval's, e.g. rt+atop@4")
     parser.add_argument("--images", type=int, default=0, help="0: the whole test split; N: a class-balanced subset")
     parser.add_argument("--out", type=Path, help="JSON file for the rows (also printed)")
-    parser.add_argument("--data-source", default=DEFAULT_SOURCE)
+    parser.add_argument("--data-source", default=DEFAULT_SOURCE, help=SOURCE_HELP + " (default: %(default)s)")
     parser.add_argument("--data-cache-dir", default=".data")
     parser.add_argument(
         "--agreement",

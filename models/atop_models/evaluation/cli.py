@@ -16,12 +16,13 @@ import shlex
 import sys
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
 from atop_models.checkpoint import read_config
-from atop_models.data import DEFAULT_SOURCE, load_split
+from atop_models.data import DEFAULT_SOURCE, SOURCE_HELP, load_split
 from atop_models.evaluation import defenses, report
 from atop_models.evaluation.runner import EvalConfig, evaluate, example_batch_file
 from atop_models.runtime import setup_runtime
@@ -30,6 +31,46 @@ from atop_models.runtime import setup_runtime
 def epsilon(text: str) -> float:
     """'8/255' or '0.5'."""
     return float(Fraction(text))
+
+
+def default_defenses(checkpoints: defenses.Checkpoints) -> list[str]:
+    """Every defense the given checkpoints allow: the bare classifier, and RT with each purifier given."""
+    return [
+        d
+        for d in defenses.NAMES
+        if d == "undefended"
+        or (d == "rt" and (checkpoints.pretrained or checkpoints.atop))
+        or (d == "rt+pretrained" and checkpoints.pretrained)
+        or (d == "rt+atop" and checkpoints.atop)
+    ]
+
+
+def write_report(
+    rows: list[dict], built: dict[str, tuple], classes: list[str], out: Path, meta: dict[str, Any]
+) -> dict[str, Any]:
+    """Each defense's example grid (from the attacked batch evaluate kept), then results.json and report.md."""
+    example_defenses = []
+    for name, (defense, _) in built.items():
+        grid = example_batch_file(out, name)
+        if grid.exists():
+            batch = load_file(grid)  # plot_examples moves it to the defense's device
+            report.plot_examples(name, defense, classes, batch["x"], batch["x_adv"], grid.with_suffix(".png"))
+            example_defenses.append(name)
+    with torch.no_grad():
+        return report.write(rows, out, meta | {"example_defenses": example_defenses})
+
+
+def print_summary(payload: dict[str, Any]) -> None:
+    for row in payload["rows"]:
+        print(
+            f"{row['defense']:>16} {row['attack']:<48} {row['norm']} {row['epsilon']:.4f} "
+            f"clean {row['clean_accuracy']:.3f} robust {row['robust_accuracy']:.3f} (n={row['n']})"
+        )
+    for worst in payload["worst_case"]:
+        print(
+            f"{worst['defense']:>16} {'worst case of ' + str(len(worst['attacks'])) + ' adaptive attacks':<48} "
+            f"{worst['norm']} {worst['epsilon']:.4f} robust {worst['robust_accuracy']:.3f} (n={worst['n']})"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=512, help="class-balanced test images (the literature: 512)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--fast", action="store_true", help="CPU settings: 64 images, PGD-20, APGD-20, EOT-4")
-    parser.add_argument("--data-source", default=DEFAULT_SOURCE)
+    parser.add_argument("--data-source", default=DEFAULT_SOURCE, help=SOURCE_HELP + " (default: %(default)s)")
     parser.add_argument("--data-cache-dir", default=".data")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
@@ -71,14 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.set_defaults(images=64, pgd_steps=20, apgd_steps=20, eot=4)
         args = parser.parse_args(argv)
     checkpoints = defenses.Checkpoints(args.classifier, args.pretrained, args.atop)
-    chosen = args.defenses or [
-        d
-        for d in defenses.NAMES
-        if d == "undefended"
-        or (d == "rt" and (args.pretrained or args.atop))
-        or (d == "rt+pretrained" and args.pretrained)
-        or (d == "rt+atop" and args.atop)
-    ]
+    chosen = args.defenses or default_defenses(checkpoints)
     command = shlex.join(["atop-eval", *(sys.argv[1:] if argv is None else argv)])
     config = EvalConfig(
         checkpoints,
@@ -97,34 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     classifier_record = read_config(args.classifier)
     data = load_split(args.data_source, "test", classifier_record["image_size"], args.data_cache_dir, count=args.images)
     rows, built = evaluate(config, data, args.out, runtime.device)
-    example_defenses = []
-    for name, (defense, _) in built.items():
-        grid = example_batch_file(args.out, name)
-        if grid.exists():
-            batch = load_file(grid)  # plot_examples moves it to the defense's device
-            report.plot_examples(name, defense, data.classes, batch["x"], batch["x_adv"], grid.with_suffix(".png"))
-            example_defenses.append(name)
-    with torch.no_grad():
-        payload = report.write(
-            rows,
-            args.out,
-            {
-                "command": command,
-                "data": args.data_source,
-                "checkpoints": defenses.provenance(checkpoints),
-                "example_defenses": example_defenses,
-            },
-        )
-    for row in payload["rows"]:
-        print(
-            f"{row['defense']:>16} {row['attack']:<48} {row['norm']} {row['epsilon']:.4f} "
-            f"clean {row['clean_accuracy']:.3f} robust {row['robust_accuracy']:.3f} (n={row['n']})"
-        )
-    for worst in payload["worst_case"]:
-        print(
-            f"{worst['defense']:>16} {'worst case of ' + str(len(worst['attacks'])) + ' adaptive attacks':<48} "
-            f"{worst['norm']} {worst['epsilon']:.4f} robust {worst['robust_accuracy']:.3f} (n={worst['n']})"
-        )
+    meta = {"command": command, "data": args.data_source, "checkpoints": defenses.provenance(checkpoints)}
+    print_summary(write_report(rows, built, data.classes, args.out, meta))
 
 
 if __name__ == "__main__":

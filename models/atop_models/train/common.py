@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from atop_models.data import DEFAULT_SOURCE, ImageArrays, load_split
+from atop_models.data import DEFAULT_SOURCE, SOURCE_HELP, ImageArrays, load_split
 from atop_models.train.options import help_field
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = help_field(
-        DEFAULT_SOURCE,
-        "ImageFolder folder with train/ and test/, a .tar(.gz) of one, or cifar10 / cifar100 (download)",
-    )
+    source: str = help_field(DEFAULT_SOURCE, SOURCE_HELP)
     cache_dir: str = help_field(".data", "where archives are extracted and decoded arrays cached (git-ignored)")
     size: int = help_field(32, "pixels; images are decoded and kept in memory at this size")
     train_images: int = help_field(0, "0 = the whole train split; N = a class-balanced subset (quick runs, tests)")
