@@ -22,7 +22,7 @@ from torchvision.utils import save_image
 from atop_models.attacks import FGSM, PGD, EOTGradient
 from atop_models.checkpoint import BuiltModel, load_built_model, paths
 from atop_models.data import BatchLoader, ImageArrays, LoaderConfig
-from atop_models.defended import LoadedDefense, load_defended
+from atop_models.defended import load_defended
 from atop_models.discriminator import DISCRIMINATORS, hinge_d_loss, hinge_g_loss
 from atop_models.evaluation.statistics import accuracy, robust_accuracy
 from atop_models.pipeline import DefendedClassifier, PipelineConfig, compose
@@ -248,11 +248,12 @@ class FinetuneTask(PretrainTask):
         runtime: Runtime,
         test: ImageArrays,
         out: Path,
-        defended: LoadedDefense,
+        generator: BuiltModel,
         discriminator: BuiltModel,
+        classifier: BuiltModel,
         lineage: dict[str, Any],
     ) -> None:
-        super().__init__(config, runtime, test, out, defended.purifier, discriminator, defended.classifier, lineage)
+        super().__init__(config, runtime, test, out, generator, discriminator, classifier, lineage)
         # Built once: the attacks hold the pipeline, whose purifier trains in place.
         self.check_attack = PGD(
             EOTGradient(self.pipeline, config.attack_eot), config.epsilon, config.attack_step_size, config.attack_steps
@@ -355,8 +356,9 @@ def build_finetune(config: FinetuneConfig, runtime: Runtime, out: Path) -> tuple
     torch.manual_seed(config.seed)  # identical initial weights on every rank
     if not config.purifier or not config.classifier:
         raise SystemExit("finetune needs --purifier (a pretrained purifier) and --classifier")
-    # The trainer's --rt-* and --output, not the purifier's recorded ones; training draws RT once per image.
-    defended = load_defended(config.classifier, config.purifier, rt=config.rt, output=config.output, draws=1)
+    # load_defended checks that the pair belongs together; the task builds its own pipeline around the purifier it
+    # trains, with the trainer's --rt-* and --output.
+    defended = load_defended(config.classifier, config.purifier)
     _check_classifier(defended.classifier, config, train.classes)
     lineage = {
         "classifier": {"path": config.classifier, "sha256": defended.classifier.record["weights_sha256"]},
@@ -370,4 +372,5 @@ def build_finetune(config: FinetuneConfig, runtime: Runtime, out: Path) -> tuple
         },
     }
     discriminator = _finetune_discriminator(config)
-    return FinetuneTask(config, runtime, test, out, defended, discriminator, lineage), loader
+    task = FinetuneTask(config, runtime, test, out, defended.purifier, discriminator, defended.classifier, lineage)
+    return task, loader
