@@ -67,6 +67,7 @@ class ServerConfig:
     tls: TlsConfig | None = None
     auth: AuthConfig = field(default_factory=AuthConfig)
     http: HttpConfig | None = None  # the REST API on host (same TLS, tokens, limits); None: gRPC only
+    log_level: str = "INFO"  # of the process's logging, which atop-serve's main sets up (the Server does not)
 
 
 class StartupError(Exception):

@@ -217,8 +217,8 @@ def _providers(parser: OneLineParser, device: str) -> tuple[str, ...]:
     return ("CPUExecutionProvider",)
 
 
-def parse_args(argv: list[str] | None) -> tuple[ServerConfig, str]:
-    """The server's config and the log level, from options and ATOP_* variables."""
+def parse_args(argv: list[str] | None) -> ServerConfig:
+    """The server's config, from options and ATOP_* variables (no side effect: main sets up logging)."""
     parser = OneLineParser(prog="atop-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, convert, default, help_text in OPTIONS:
         parser.add_argument(
@@ -244,7 +244,7 @@ def parse_args(argv: list[str] | None) -> tuple[ServerConfig, str]:
         for other, same in chosen[i + 1 :]:
             if port == same:
                 parser.error(f"{flag} and {other} are both {port}")
-    server_config = ServerConfig(
+    return ServerConfig(
         core=CoreConfig(
             model_repository=args.model_repository,
             models=tuple(m for m in args.models.split(",") if m),
@@ -275,13 +275,13 @@ def parse_args(argv: list[str] | None) -> tuple[ServerConfig, str]:
         tls=_tls(parser, args),
         auth=_auth(parser, args),
         http=HttpConfig(args.http_port, args.http_timeout_seconds, args.demo) if args.http_port >= 0 else None,
+        log_level=args.log_level,
     )
-    return server_config, args.log_level
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, log_level = parse_args(argv)
-    logging.basicConfig(level=log_level, stream=sys.stderr, format="%(message)s")
+    config = parse_args(argv)
+    logging.basicConfig(level=config.log_level, stream=sys.stderr, format="%(message)s")
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:

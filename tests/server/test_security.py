@@ -168,7 +168,7 @@ def test_the_command_line_reads_tls_files_and_tokens(tiny_repository, tmp_path, 
     (tmp_path / "ca.crt").write_bytes(ca.pem)
     (tmp_path / "tokens").write_text(f"# one per line\n{TOKEN}\n")
     monkeypatch.setenv("ATOP_AUTH_TOKENS", "another-token-0123456789")
-    config, _ = parse_args(
+    config = parse_args(
         [
             *("--model-repository", str(tiny_repository), "--grpc-use-ssl", "true"),
             *("--grpc-server-cert", str(tmp_path / "server.crt"), "--grpc-server-key", str(tmp_path / "server.key")),
