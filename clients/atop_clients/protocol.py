@@ -12,9 +12,10 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from atop_proto import grpc_service_pb2 as pb
+from atop_proto.images import rgb_array
 from atop_proto.tensors import join_bytes_tensor, split_bytes_tensor
 
 
@@ -79,11 +80,7 @@ class ImageError(ValueError):
 def decode(data: bytes, height: int, width: int, index: int) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as image:
-            image.seek(0)
-            rgb = (ImageOps.exif_transpose(image) or image).convert("RGB")
-            if rgb.size != (width, height):
-                rgb = rgb.resize((width, height), Image.Resampling.BICUBIC)
-            return np.asarray(rgb, dtype=np.uint8)
+            return rgb_array(image, height, width)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as error:
         raise ImageError(f"image {index} cannot be decoded: {type(error).__name__}") from None
 

@@ -126,7 +126,3 @@ def optimize_offline(model: onnx.ModelProto, level: str) -> onnx.ModelProto:
 
 def set_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> None:
     onnx.helper.set_model_props(model, metadata)
-
-
-def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
-    return {prop.key: prop.value for prop in model.metadata_props}

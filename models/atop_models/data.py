@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from atop_proto.images import rgb_array
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DOWNLOADABLE = ("cifar10", "cifar100")
 # The trainer's and evaluators' --data-source: torchvision's CIFAR-10 downloader works on any machine with internet
@@ -112,12 +114,10 @@ def list_image_folder(folder: Path) -> tuple[list[Path], list[int], list[str]]:
 
 
 def decode_image(path: Path, size: int) -> np.ndarray:
-    """Any Pillow-readable image -> RGB uint8 [size,size,3] (first frame of animations)."""
+    """Any Pillow-readable image -> RGB uint8 [size,size,3], exactly as the server decodes it (atop_proto.images:
+    first frame, EXIF orientation, mode conversion): the trainer sees what the served model will see."""
     with Image.open(path) as image:
-        image = image.convert("RGB")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.Resampling.BICUBIC)
-        return np.asarray(image, dtype=np.uint8)
+        return rgb_array(image, size, size)
 
 
 def _load_folder(folder: Path, size: int, workers: int, count: int) -> ImageArrays:

@@ -8,9 +8,10 @@ import io
 from collections.abc import Iterator
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from atop_proto import tensors
+from atop_proto.images import rgb_array
 from atop_server.errors import InvalidInput
 
 # Pillow refuses images above this many pixels (a decompression bomb: a small file that decodes to GBs).
@@ -52,12 +53,7 @@ def decode_image(data: bytes, size: int, index: int) -> np.ndarray:
     """An encoded image (any format and mode Pillow reads; first frame; EXIF orientation applied) ->
     RGB uint8 [size, size, 3]."""
     with _opened(data, index) as image:
-        image.seek(0)
-        upright = ImageOps.exif_transpose(image) or image
-        rgb = upright.convert("RGB")
-        if rgb.size != (size, size):
-            rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
-        return np.asarray(rgb, dtype=np.uint8)
+        return rgb_array(image, size, size)
 
 
 @contextlib.contextmanager

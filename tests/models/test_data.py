@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from atop_models.data import BatchLoader, LoaderConfig, load_split, random_crop_flip
+from atop_models.data import BatchLoader, LoaderConfig, decode_image, load_split, random_crop_flip
+from atop_server.codec import decode_image as serve_decode
 
 
 def test_loads_real_cifar_jpegs_from_a_folder(cifar_folder, tmp_path):
@@ -50,6 +51,25 @@ def test_resizes_and_converts_any_mode(tmp_path):
         Image.new(mode, (50, 40)).save(folder / label / "a.png")
     arrays = load_split(tmp_path / "data", "train", 32, tmp_path / "cache")
     assert arrays.images.shape == (3, 3, 32, 32) and arrays.classes == ["alpha", "gray", "palette"]
+
+
+def test_training_decodes_every_image_as_the_server_does(tmp_path):
+    """No train/serve skew: an EXIF-rotated photo, palette, alpha, grayscale and an animation (first frame)."""
+    rng = np.random.default_rng(0)
+    pixels = Image.fromarray(rng.integers(0, 256, (20, 12, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways; viewers (and the server) turn it upright
+    files = {"rotated.jpg": (pixels, {"exif": exif}), "palette.png": (pixels.convert("P"), {})}
+    files |= {"alpha.png": (pixels.convert("RGBA"), {}), "gray.png": (pixels.convert("L"), {})}
+    frames = [pixels, pixels.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    files["animated.gif"] = (frames[0], {"save_all": True, "append_images": frames[1:]})
+    for name, (image, options) in files.items():
+        image.save(tmp_path / name, **options)
+        trained = decode_image(tmp_path / name, 16)
+        np.testing.assert_array_equal(trained, serve_decode((tmp_path / name).read_bytes(), 16, 0), err_msg=name)
+    upright = decode_image(tmp_path / "rotated.jpg", 16)
+    sideways = np.asarray(Image.open(tmp_path / "rotated.jpg").convert("RGB").resize((16, 16), Image.BICUBIC))
+    assert np.abs(upright.astype(int) - sideways).mean() > 20  # the orientation was applied, not ignored
 
 
 def test_missing_split_and_bad_source_are_clear_errors(tmp_path):
