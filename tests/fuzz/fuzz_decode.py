@@ -2,8 +2,8 @@
 runs: a raw BYTES tensor split into elements, each element's size read from its header, then decoded.
 
 The property: every input is either decoded to RGB uint8 [32, 32, 3] or refused with InvalidInput (which the
-server answers INVALID_ARGUMENT, naming the image). Any other exception, a wrong shape, or more pixels decoded
-than the header promised is a finding: libFuzzer stops, writes the input to <artifact_prefix>crash-*, exits 1.
+server answers INVALID_ARGUMENT, naming the image). Any other exception (MemoryError beyond a bounded address
+space included) or a wrong shape is a finding: libFuzzer stops, writes the input to <artifact_prefix>crash-*, exits 1.
 
     python tests/fuzz/fuzz_decode.py CORPUS_DIR -max_total_time=600 -artifact_prefix=DIR/
 The seed corpus (valid images in every format the server reads, and BYTES tensors of them) is written to
@@ -13,6 +13,7 @@ CORPUS_DIR first when it is empty. `make fuzz` runs it for 10 minutes; the suite
 from __future__ import annotations
 
 import io
+import resource
 import sys
 from pathlib import Path
 
@@ -27,6 +28,11 @@ with atheris.instrument_imports(include=["PIL", "atop_server", "atop_proto"]):
     from atop_server.errors import InvalidInput
 
 SIZE = 32  # the shipped model's input size
+# Address space for the whole fuzzing process (~250 MB of it is Python, Pillow and numpy): decoding one image
+# within the server's pixel limit (50 MP) needs well under this; an input that needs more raises MemoryError,
+# a finding. Not libFuzzer's -rss_limit_mb: it reads the peak RSS, which Linux carries over from the parent
+# across fork and exec, so a run started from a big process (pytest after the model tests) failed at once.
+ADDRESS_SPACE_BYTES = 3 * 1024**3
 
 
 def seeds() -> dict[str, bytes]:
@@ -77,7 +83,8 @@ def main() -> None:
         for name, data in seeds().items():
             # The provider reads one byte of element count first: 2 for a tensor of two images, 0 for one image.
             (corpus / name).write_bytes(bytes([2 if name.startswith("tensor") else 0]) + data)
-    atheris.Setup(sys.argv, test_one_input)
+    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_BYTES, ADDRESS_SPACE_BYTES))
+    atheris.Setup([*sys.argv, "-rss_limit_mb=0"], test_one_input)
     atheris.Fuzz()
 
 
