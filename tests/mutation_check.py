@@ -1,0 +1,156 @@
+"""`make mutation-check`: break the product on purpose, one breakage at a time, and run the test that must
+notice. Each breakage below is applied to a temporary copy of the working tree (never to the checkout), the
+copy's packages are put first on the import path (the servers the tests start as processes inherit it), and
+its test runs there. The tests are first run unbroken: a test that fails anyway proves nothing.
+
+Exit 0 when every breakage is caught; 1 when one is missed, or cannot be applied because the code it breaks
+changed (then update its edits here). Not part of `make test`: a few minutes on 2 cores.
+
+    python tests/mutation_check.py [--only SUBSTRING] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("models", "export", "server", "clients", "proto")  # workspace members: each holds one package
+
+
+@dataclass(frozen=True)
+class Breakage:
+    name: str
+    path: str  # relative to the repository root
+    edits: tuple[tuple[str, str], ...]  # (old, new): each old text must occur exactly once in the file
+    test: str  # the pytest node id that must fail
+
+
+BREAKAGES = [
+    Breakage(
+        "draws averaged (N, draws) instead of (draws, N)",
+        "server/atop_server/core.py",
+        (("rows.reshape(draws, len(images), -1).mean(0)", "rows.reshape(len(images), draws, -1).mean(1)"),),
+        "tests/server/test_core_rows.py::test_draws_are_averaged_per_image_across_parts_and_executions",
+    ),
+    Breakage(
+        "UINT8 pixels given to a float model unscaled",
+        "server/atop_server/core.py",
+        ((".astype(np.float32) / np.float32(255.0)", ".astype(np.float32)"),),
+        "tests/server/test_core_rows.py::test_uint8_pixels_reach_a_float_model_in_its_layout_and_scale",
+    ),
+    Breakage(
+        # Cancelling the awaiting task cancels the parts' futures (asyncio.wrap_future chains it), and the core
+        # cancels them again when it leaves: both must go for the work to stay queued.
+        "the core awaits a request's parts without withdrawing them when it gives up",
+        "server/atop_server/core.py",
+        (
+            ("asyncio.wrap_future(f) for f in futures", "asyncio.shield(asyncio.wrap_future(f)) for f in futures"),
+            ("                f.cancel()  # after a timeout", "                pass  # after a timeout"),
+        ),
+        "tests/server/test_core_rows.py::test_queued_work_of_cancelled_and_expired_requests_never_runs",
+    ),
+]
+
+
+def copy_tree(target: Path) -> Path:
+    """The working tree as git sees it (tracked and untracked, not ignored) in target/repo, with ../shared
+    beside it as the checkout has it (the tests read CIFAR-10 from there)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    root = target / "repo"
+    for name in filter(None, listed):
+        source = REPO / name.decode()
+        if source.is_file():
+            (root / name.decode()).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, root / name.decode())
+    if (REPO.parent / "shared").exists():
+        (target / "shared").symlink_to(REPO.parent / "shared")
+    return root
+
+
+def environment(root: Path) -> dict[str, str]:
+    """The copy's packages ahead of the editable installs of the checkout's."""
+    paths = [str(root / package) for package in PACKAGES]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+
+
+def pytest(root: Path, tests: list[str]) -> subprocess.CompletedProcess:
+    # One process per run, tests/triton included (its protobuf clash is with our own tests, not run beside it).
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=", *tests]
+    return subprocess.run(command, cwd=root, env=environment(root), capture_output=True, text=True)
+
+
+def check_imports(root: Path) -> None:
+    probe = "import atop_server, atop_models, atop_clients; print(atop_server.__file__)"
+    where = subprocess.run([sys.executable, "-c", probe], env=environment(root), capture_output=True, text=True)
+    if not where.stdout.strip().startswith(str(root)):
+        raise SystemExit(f"mutation-check: the copy's packages are not imported ({where.stdout}{where.stderr})")
+
+
+def apply(root: Path, breakage: Breakage) -> str:
+    """Break the copy; returns the file's original text."""
+    path = root / breakage.path
+    original = broken = path.read_text()
+    for old, new in breakage.edits:
+        if broken.count(old) != 1:
+            raise LookupError(f"{breakage.path} holds {old!r} {broken.count(old)} times, not once")
+        broken = broken.replace(old, new)
+    path.write_text(broken)
+    return original
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="run only the breakages whose name contains this")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary copy (its path is printed)")
+    args = parser.parse_args()
+    chosen = [b for b in BREAKAGES if args.only in b.name]
+    target = Path(tempfile.mkdtemp(prefix="atop-mutation-"))
+    try:
+        root = copy_tree(target)
+        check_imports(root)
+        baseline = pytest(root, sorted({b.test for b in chosen}))
+        if baseline.returncode != 0:
+            raise SystemExit(f"mutation-check: the tests fail without any breakage:\n{baseline.stdout[-4000:]}")
+        results = []
+        for breakage in chosen:
+            started = time.monotonic()
+            try:
+                original = apply(root, breakage)
+            except LookupError as error:
+                results.append(("CANNOT APPLY", breakage, str(error)))
+                continue
+            try:
+                run = pytest(root, [breakage.test])
+            finally:
+                (root / breakage.path).write_text(original)
+            verdict = "caught" if run.returncode != 0 else "MISSED"
+            results.append((verdict, breakage, f"{time.monotonic() - started:.0f} s"))
+            print(f"{verdict:12} {breakage.name} ({breakage.test})", flush=True)
+    finally:
+        if args.keep:
+            print(f"the copy: {target}")
+        else:
+            shutil.rmtree(target)
+    caught = sum(verdict == "caught" for verdict, _, _ in results)
+    print(f"\n{caught} of {len(results)} breakages caught")
+    for verdict, breakage, detail in results:
+        if verdict != "caught":
+            print(f"{verdict}: {breakage.name} in {breakage.path}: {detail} ({breakage.test})")
+    sys.exit(0 if caught == len(results) else 1)
+
+
+if __name__ == "__main__":
+    main()
