@@ -57,6 +57,53 @@ BREAKAGES = [
         ),
         "tests/server/test_core_rows.py::test_queued_work_of_cancelled_and_expired_requests_never_runs",
     ),
+    Breakage(
+        "a lone request waits the queue delay for company",
+        "server/atop_server/batcher.py",
+        (("if full or not company or self._closed", "if full or self._closed"),),
+        "tests/server/test_batcher.py::test_a_lone_request_runs_at_once_and_gets_its_rows",
+    ),
+    Breakage(
+        "merged requests all get the first request's rows",
+        "server/atop_server/batcher.py",
+        (("                offset += len(item.images)\n", ""),),
+        "tests/server/test_batcher.py::test_requests_queued_while_the_model_runs_are_merged_and_split_back",
+    ),
+    Breakage(
+        "a request admitted part by part: refused partway, its first parts stay queued",
+        "server/atop_server/batcher.py",
+        (
+            (
+                """            self._admit(count, client, None if deadline is None else deadline - now)
+            items = [_Item(part, Future(), deadline, now, client) for part in parts]
+            self._queues.setdefault(client, deque()).extend(items)
+            self._client_images[client] = self._client_images.get(client, 0) + count
+            self._queued_images += count
+""",
+                """            items = []
+            for part in parts:
+                self._admit(len(part), client, None if deadline is None else deadline - now)
+                items.append(_Item(part, Future(), deadline, now, client))
+                self._queues.setdefault(client, deque()).append(items[-1])
+                self._client_images[client] = self._client_images.get(client, 0) + len(part)
+                self._queued_images += len(part)
+""",
+            ),
+        ),
+        "tests/server/test_batcher.py::test_a_request_refused_partway_through_its_parts_queues_none_of_them",
+    ),
+    Breakage(
+        "the batcher runs queued work whose deadline passed",
+        "server/atop_server/batcher.py",
+        (("if item.deadline is not None and time.monotonic() > item.deadline:", "if False:"),),
+        "tests/server/test_batcher.py::test_expired_and_cancelled_requests_are_skipped",
+    ),
+    Breakage(
+        "the batcher runs queued work that was cancelled",
+        "server/atop_server/batcher.py",
+        (("if not item.future.set_running_or_notify_cancel():", "if item.future.cancelled() and False:"),),
+        "tests/server/test_batcher.py::test_expired_and_cancelled_requests_are_skipped",
+    ),
 ]
 
 
