@@ -33,6 +33,10 @@ class Breakage:
     test: str  # the pytest node id that must fail
 
 
+DRAIN_TEST = (
+    "tests/server/test_drain.py::test_stop_drains_the_request_in_flight_refuses_new_calls_and_reports_not_serving"
+)
+
 BREAKAGES = [
     Breakage(
         "draws averaged (N, draws) instead of (draws, N)",
@@ -103,6 +107,30 @@ BREAKAGES = [
         "server/atop_server/batcher.py",
         (("if not item.future.set_running_or_notify_cancel():", "if item.future.cancelled() and False:"),),
         "tests/server/test_batcher.py::test_expired_and_cancelled_requests_are_skipped",
+    ),
+    Breakage(
+        "stopping without turning health NOT_SERVING",
+        "server/atop_server/app.py",
+        (("NOT_SERVING)\n        # After the grace", "SERVING)\n        # After the grace"),),
+        DRAIN_TEST,
+    ),
+    Breakage(
+        "stopping without a grace period: the request in flight is cancelled",
+        "server/atop_server/app.py",
+        (("await self.grpc.stop(self.config.grace_seconds)", "await self.grpc.stop(0)"),),
+        DRAIN_TEST,
+    ),
+    Breakage(
+        "the probe command exits 0 whatever the status",
+        "server/atop_server/healthcheck.py",
+        (("sys.exit(0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1)", "sys.exit(0)"),),
+        DRAIN_TEST,
+    ),
+    Breakage(
+        "the probe command ignores ATOP_HEALTH_PORT",
+        "server/atop_server/healthcheck.py",
+        (("port = health_port if health_port.isdigit() else", "port ="),),
+        DRAIN_TEST,
     ),
 ]
 
