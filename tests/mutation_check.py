@@ -36,6 +36,9 @@ class Breakage:
 DRAIN_TEST = (
     "tests/server/test_drain.py::test_stop_drains_the_request_in_flight_refuses_new_calls_and_reports_not_serving"
 )
+SERVER_DEADLINE_TEST = (
+    "tests/server/test_kserve_inputs.py::test_the_server_refuses_at_once_what_cannot_finish_before_the_deadline"
+)
 
 BREAKAGES = [
     Breakage(
@@ -131,6 +134,36 @@ BREAKAGES = [
         "server/atop_server/healthcheck.py",
         (("port = health_port if health_port.isdigit() else", "port ="),),
         DRAIN_TEST,
+    ),
+    Breakage(
+        "typed UINT8 contents above 255 are not refused (they wrap or fail inside)",
+        "server/atop_server/kserve.py",
+        (('if tensor.datatype == "UINT8" and values and max(values) > 255:', "if False:"),),
+        "tests/server/test_kserve_inputs.py::test_typed_contents_that_do_not_fit_are_invalid",
+    ),
+    Breakage(
+        "typed UINT8 contents read as FP32",
+        "server/atop_server/kserve.py",
+        (('dtype=np.uint8 if tensor.datatype == "UINT8" else np.float32', "dtype=np.float32"),),
+        "tests/server/test_kserve_inputs.py::test_typed_fp32_and_uint8_contents_reach_the_model_in_order",
+    ),
+    Breakage(
+        "the core does not bound the images of a request",
+        "server/atop_server/core.py",
+        (("if count > self.config.max_images_per_request:", "if False:"),),
+        "tests/server/test_kserve_inputs.py::test_images_per_request_are_bounded_in_both_apis",
+    ),
+    Breakage(
+        "the server ignores the client's deadline",
+        "server/atop_server/servicing.py",
+        (("return Call(client=context.peer(), deadline=deadline)", "return Call(client=context.peer())"),),
+        SERVER_DEADLINE_TEST,
+    ),
+    Breakage(
+        "admission does not weigh a request's own work against its deadline",
+        "server/atop_server/batcher.py",
+        (("if time_left is not None and own > time_left:", "if False:"),),
+        SERVER_DEADLINE_TEST,
     ),
 ]
 
