@@ -165,6 +165,18 @@ BREAKAGES = [
         (("if time_left is not None and own > time_left:", "if False:"),),
         SERVER_DEADLINE_TEST,
     ),
+    Breakage(
+        "atop-serve dies on SIGTERM instead of draining",
+        "server/atop_server/cli.py",
+        (("    signal.signal(signal.SIGTERM, on_signal)\n", ""),),
+        "tests/triton/test_kserve_tritonclient.py::test_sigterm_drains_a_request_in_flight_then_exits_0",
+    ),
+    Breakage(
+        "the batch-size histogram records executions, not their images",
+        "server/atop_server/metrics.py",
+        (("self.batch_size.labels(model).observe(execution.batch_size)", "self.batch_size.labels(model).observe(1)"),),
+        "tests/triton/test_kserve_tritonclient.py::test_concurrent_requests_are_batched_and_counted_in_the_metrics",
+    ),
 ]
 
 
