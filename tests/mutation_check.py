@@ -177,6 +177,23 @@ BREAKAGES = [
         (("self.batch_size.labels(model).observe(execution.batch_size)", "self.batch_size.labels(model).observe(1)"),),
         "tests/triton/test_kserve_tritonclient.py::test_concurrent_requests_are_batched_and_counted_in_the_metrics",
     ),
+    Breakage(
+        "ATOP_* variables are not read",
+        "server/atop_server/cli.py",
+        (("    if variable not in os.environ:\n", "    if True:\n"),),
+        "tests/server/test_cli_environment.py::test_every_option_is_read_from_its_variable_into_its_field",
+    ),
+    Breakage(
+        "two queue bounds wired into each other's fields",
+        "server/atop_server/cli.py",
+        (
+            (
+                "args.max_queue_size,\n                args.max_client_queue_size,",
+                "args.max_client_queue_size,\n                args.max_queue_size,",
+            ),
+        ),
+        "tests/server/test_cli_environment.py::test_every_option_is_read_from_its_variable_into_its_field",
+    ),
 ]
 
 
@@ -237,6 +254,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy (its path is printed)")
     args = parser.parse_args()
     chosen = [b for b in BREAKAGES if args.only in b.name]
+    if not chosen:
+        parser.error(f"no breakage's name contains {args.only!r}")
     target = Path(tempfile.mkdtemp(prefix="atop-mutation-"))
     try:
         root = copy_tree(target)
