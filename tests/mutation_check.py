@@ -194,6 +194,24 @@ BREAKAGES = [
         ),
         "tests/server/test_cli_environment.py::test_every_option_is_read_from_its_variable_into_its_field",
     ),
+    Breakage(
+        "the client does not retry RESOURCE_EXHAUSTED",
+        "clients/atop_clients/client.py",
+        (("grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)", "grpc.StatusCode.UNAVAILABLE,)"),),
+        "tests/clients/test_classify_cli.py::test_client_retries_unavailable_and_resource_exhausted_then_succeeds",
+    ),
+    Breakage(
+        "the client sends FP32 pixels unscaled",
+        "clients/atop_clients/protocol.py",
+        (('.astype("<f4") / np.float32(255)', '.astype("<f4")'),),
+        "tests/clients/test_classify_cli.py::test_the_client_decodes_for_servers_that_take_pixels_only",
+    ),
+    Breakage(
+        "the client decodes images as BGR",
+        "clients/atop_clients/protocol.py",
+        (("return np.asarray(rgb, dtype=np.uint8)", "return np.asarray(rgb, dtype=np.uint8)[..., ::-1]"),),
+        "tests/clients/test_classify_cli.py::test_the_client_decodes_for_servers_that_take_pixels_only",
+    ),
 ]
 
 
