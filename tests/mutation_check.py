@@ -39,6 +39,7 @@ DRAIN_TEST = (
 SERVER_DEADLINE_TEST = (
     "tests/server/test_kserve_inputs.py::test_the_server_refuses_at_once_what_cannot_finish_before_the_deadline"
 )
+RESUME_TEST = "tests/clients/test_classify_cli.py::test_resume_replaces_a_failed_row_instead_of_adding_one"
 
 BREAKAGES = [
     Breakage(
@@ -211,6 +212,18 @@ BREAKAGES = [
         "clients/atop_clients/protocol.py",
         (("return np.asarray(rgb, dtype=np.uint8)", "return np.asarray(rgb, dtype=np.uint8)[..., ::-1]"),),
         "tests/clients/test_classify_cli.py::test_the_client_decodes_for_servers_that_take_pixels_only",
+    ),
+    Breakage(
+        "--resume keeps failed rows instead of retrying them",
+        "clients/atop_clients/output.py",
+        (('        if row["error"]:\n            continue\n', ""),),
+        RESUME_TEST,
+    ),
+    Breakage(
+        "--resume classifies every input again",
+        "clients/atop_clients/cli.py",
+        (("todo = [item for item in items if item.key not in previous.keys]", "todo = list(items)"),),
+        RESUME_TEST,
     ),
 ]
 
