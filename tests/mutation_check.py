@@ -225,6 +225,12 @@ BREAKAGES = [
         (("todo = [item for item in items if item.key not in previous.keys]", "todo = list(items)"),),
         RESUME_TEST,
     ),
+    Breakage(
+        "the defense rt+atop built with the purifier before AToP",
+        "models/atop_models/evaluation/defenses.py",
+        (('"rt+atop": checkpoints.atop,', '"rt+atop": checkpoints.pretrained,'),),
+        "tests/models/test_zoo.py::test_the_atop_purifier_beats_its_baseline_on_the_same_images_and_draws",
+    ),
 ]
 
 
