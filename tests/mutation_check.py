@@ -231,6 +231,18 @@ BREAKAGES = [
         (('"rt+atop": checkpoints.atop,', '"rt+atop": checkpoints.pretrained,'),),
         "tests/models/test_zoo.py::test_the_atop_purifier_beats_its_baseline_on_the_same_images_and_draws",
     ),
+    Breakage(
+        "the classification extension ranks worst first",
+        "server/atop_server/kserve.py",
+        (('np.argsort(-probabilities, axis=1, kind="stable")[:, :k]', "np.argsort(probabilities, axis=1)[:, :k]"),),
+        "tests/server/test_kserve_inputs.py::test_the_classification_extension_ranks_every_image_best_first",
+    ),
+    Breakage(
+        "a failed request on a stream is answered without its id",
+        "server/atop_server/kserve.py",
+        (("infer_response=pb.ModelInferResponse(id=request.id)", "infer_response=pb.ModelInferResponse()"),),
+        "tests/server/test_kserve_inputs.py::test_a_stream_answers_each_request_in_order_and_goes_on_after_a_failure",
+    ),
 ]
 
 

@@ -1,7 +1,9 @@
-"""ModelInfer's input forms over real gRPC, checked value by value on the deterministic echo models
+"""KServe inference over real gRPC, checked value by value on the deterministic echo models
 (tests/echo_model.py): typed `contents` as well as raw tensors, UINT8 values above 255, the bound on images
-per request (both APIs), and deadlines the server itself enforces: a request that cannot finish before its
-deadline is refused at once, long before the client would give up, and the model never runs for it."""
+per request (both APIs), the classification extension's strings, ModelStreamInfer's answers in order (a failed
+request answered with its id and the stream going on), and deadlines the server itself enforces: a request
+that cannot finish before its deadline is refused at once, long before the client would give up, and the
+model never runs for it."""
 
 import time
 
@@ -15,6 +17,7 @@ from atop_proto import grpc_service_pb2 as pb
 from atop_proto import grpc_service_pb2_grpc as pb_grpc
 from atop_server.app import Server, ServerConfig
 from atop_server.batcher import BatcherConfig
+from atop_server.codec import split_bytes_tensor
 from atop_server.core import CoreConfig
 
 MAX_IMAGES = 4
@@ -39,6 +42,13 @@ def refusal(channel: grpc.Channel, request: pb.ModelInferRequest, timeout: float
     with pytest.raises(grpc.RpcError) as error:
         pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=timeout)
     return error.value
+
+
+def raw_request(images: np.ndarray, request_id: str = "", model: str = "echo") -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model, id=request_id)
+    request.inputs.add(name="IMAGE", datatype="FP32", shape=list(images.shape))
+    request.raw_input_contents.append(images.astype("<f4").tobytes())
+    return request
 
 
 def typed_request(model: str, datatype: str, shape: tuple[int, ...], values: list) -> pb.ModelInferRequest:
@@ -73,10 +83,7 @@ def test_typed_contents_that_do_not_fit_are_invalid(channel):
 
 def test_images_per_request_are_bounded_in_both_apis(channel):
     images = np.full((MAX_IMAGES, 3, 32, 32), 0.5, np.float32)
-    request = pb.ModelInferRequest(model_name="echo")
-    request.inputs.add(name="IMAGE", datatype="FP32", shape=list(images.shape))
-    request.raw_input_contents.append(images.tobytes())
-    assert infer(channel, request).shape == (MAX_IMAGES, len(LABELS))  # the limit itself is served
+    assert infer(channel, raw_request(images)).shape == (MAX_IMAGES, len(LABELS))  # the limit itself is served
 
     request = pb.ModelInferRequest(model_name="echo")
     request.inputs.add(name="IMAGE_BYTES", datatype="BYTES", shape=[MAX_IMAGES + 1, 1])
@@ -90,6 +97,37 @@ def test_images_per_request_are_bounded_in_both_apis(channel):
         classify.Classify(classify_pb2.ClassifyRequest(model="echo", images=[b"x"] * (MAX_IMAGES + 1)), timeout=60)
     assert own.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert own.value.details() == f"{MAX_IMAGES + 1} images exceed the limit of {MAX_IMAGES} per request"
+
+
+def test_the_classification_extension_ranks_every_image_best_first(channel):
+    images = np.random.default_rng(3).random((2, 3, 32, 32), dtype=np.float32)
+    request = raw_request(images)
+    request.outputs.add(name="PROBABILITIES").parameters["class_count"].int64_param = 2
+    response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+    assert list(response.outputs[0].shape) == [2, 2] and response.outputs[0].datatype == "BYTES"
+    expected = [
+        f"{row[i]:f}:{i}:{LABELS[i]}".encode()
+        for row in expected_probabilities(images).astype(np.float32)
+        for i in np.argsort(-row, kind="stable")[:2]
+    ]
+    assert split_bytes_tensor(response.raw_output_contents[0], 4) == expected
+
+
+def test_a_stream_answers_each_request_in_order_and_goes_on_after_a_failure(channel):
+    images = [np.random.default_rng(seed).random((seed + 1, 3, 32, 32), dtype=np.float32) for seed in range(3)]
+    bad = raw_request(images[0], "bad")
+    bad.parameters["draws"].int64_param = 99
+    requests = [raw_request(images[0], "a"), bad, raw_request(images[1], "b"), raw_request(images[2], "c")]
+    answers = list(pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(requests), timeout=60))
+    assert [(a.infer_response.id, a.error_message.split(":")[0]) for a in answers] == [
+        ("a", ""),
+        ("bad", "INVALID_ARGUMENT"),
+        ("b", ""),
+        ("c", ""),
+    ]
+    for answer, sent in zip([answers[0], *answers[2:]], images, strict=True):
+        got = np.frombuffer(answer.infer_response.raw_output_contents[0], "<f4").reshape(len(sent), len(LABELS))
+        np.testing.assert_allclose(got, expected_probabilities(sent), atol=1e-6)
 
 
 def executions(channel: grpc.Channel, model: str) -> int:
@@ -108,9 +146,7 @@ def test_the_server_refuses_at_once_what_cannot_finish_before_the_deadline(echo_
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             images = np.random.default_rng(2).random((64, 3, 32, 32), dtype=np.float32)
-            request = pb.ModelInferRequest(model_name="slow")
-            request.inputs.add(name="IMAGE", datatype="FP32", shape=list(images.shape))
-            request.raw_input_contents.append(images.tobytes())
+            request = raw_request(images, model="slow")
             request.parameters["draws"].int64_param = 16
             started = time.monotonic()
             error = refusal(channel, request, timeout=1.0)
