@@ -8,7 +8,7 @@ import threading
 import grpc
 import numpy as np
 import pytest
-from echo_model import expected_probabilities
+from echo_model import answered_probabilities, expected_probabilities, infer_request
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serving import ExecutionGate
 
@@ -19,17 +19,6 @@ from atop_server.app import Server, ServerConfig
 from atop_server.core import CoreConfig
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def infer_request(images: np.ndarray) -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name="echo", id="in-flight")
-    request.inputs.add(name="IMAGE", datatype="FP32", shape=list(images.shape))
-    request.raw_input_contents.append(images.astype("<f4").tobytes())
-    return request
-
-
-def probabilities(response: pb.ModelInferResponse) -> np.ndarray:
-    return np.frombuffer(response.raw_output_contents[0], "<f4").reshape(list(response.outputs[0].shape))
 
 
 @pytest.fixture
@@ -67,7 +56,7 @@ def test_stop_drains_the_request_in_flight_refuses_new_calls_and_reports_not_ser
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         watch = health_pb2_grpc.HealthStub(probe_channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
         assert next(watch).status == SERVING
-        in_flight = stub.ModelInfer.future(infer_request(images), timeout=120)
+        in_flight = stub.ModelInfer.future(infer_request(images, request_id="in-flight"), timeout=120)
         assert gate.entered.wait(60)  # the server has run the model for it and not answered yet
         stopping = threading.Thread(target=server.stop)
         stopping.start()
@@ -84,7 +73,7 @@ def test_stop_drains_the_request_in_flight_refuses_new_calls_and_reports_not_ser
         finally:
             gate.opened.set()
         response = in_flight.result(timeout=60)
-        np.testing.assert_allclose(probabilities(response), expected_probabilities(images), atol=1e-6)
+        np.testing.assert_allclose(answered_probabilities(response), expected_probabilities(images), atol=1e-6)
         stopping.join(60)
         assert not stopping.is_alive() and server.stopped.is_set()
         watch.cancel()

@@ -10,7 +10,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from echo_model import LABELS, expected_probabilities
+from echo_model import LABELS, answered_probabilities, expected_probabilities, infer_request
 
 from atop_proto import classify_pb2, classify_pb2_grpc
 from atop_proto import grpc_service_pb2 as pb
@@ -34,21 +34,13 @@ def channel(echo_repository):
 
 
 def infer(channel: grpc.Channel, request: pb.ModelInferRequest, timeout: float = 60) -> np.ndarray:
-    response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=timeout)
-    return np.frombuffer(response.raw_output_contents[0], "<f4").reshape(list(response.outputs[0].shape))
+    return answered_probabilities(pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=timeout))
 
 
 def refusal(channel: grpc.Channel, request: pb.ModelInferRequest, timeout: float = 60) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as error:
         pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=timeout)
     return error.value
-
-
-def raw_request(images: np.ndarray, request_id: str = "", model: str = "echo") -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name=model, id=request_id)
-    request.inputs.add(name="IMAGE", datatype="FP32", shape=list(images.shape))
-    request.raw_input_contents.append(images.astype("<f4").tobytes())
-    return request
 
 
 def typed_request(model: str, datatype: str, shape: tuple[int, ...], values: list) -> pb.ModelInferRequest:
@@ -83,7 +75,7 @@ def test_typed_contents_that_do_not_fit_are_invalid(channel):
 
 def test_images_per_request_are_bounded_in_both_apis(channel):
     images = np.full((MAX_IMAGES, 3, 32, 32), 0.5, np.float32)
-    assert infer(channel, raw_request(images)).shape == (MAX_IMAGES, len(LABELS))  # the limit itself is served
+    assert infer(channel, infer_request(images)).shape == (MAX_IMAGES, len(LABELS))  # the limit itself is served
 
     request = pb.ModelInferRequest(model_name="echo")
     request.inputs.add(name="IMAGE_BYTES", datatype="BYTES", shape=[MAX_IMAGES + 1, 1])
@@ -101,7 +93,7 @@ def test_images_per_request_are_bounded_in_both_apis(channel):
 
 def test_the_classification_extension_ranks_every_image_best_first(channel):
     images = np.random.default_rng(3).random((2, 3, 32, 32), dtype=np.float32)
-    request = raw_request(images)
+    request = infer_request(images)
     request.outputs.add(name="PROBABILITIES").parameters["class_count"].int64_param = 2
     response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
     assert list(response.outputs[0].shape) == [2, 2] and response.outputs[0].datatype == "BYTES"
@@ -115,9 +107,14 @@ def test_the_classification_extension_ranks_every_image_best_first(channel):
 
 def test_a_stream_answers_each_request_in_order_and_goes_on_after_a_failure(channel):
     images = [np.random.default_rng(seed).random((seed + 1, 3, 32, 32), dtype=np.float32) for seed in range(3)]
-    bad = raw_request(images[0], "bad")
+    bad = infer_request(images[0], request_id="bad")
     bad.parameters["draws"].int64_param = 99
-    requests = [raw_request(images[0], "a"), bad, raw_request(images[1], "b"), raw_request(images[2], "c")]
+    requests = [
+        infer_request(images[0], request_id="a"),
+        bad,
+        infer_request(images[1], request_id="b"),
+        infer_request(images[2], request_id="c"),
+    ]
     answers = list(pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(requests), timeout=60))
     assert [(a.infer_response.id, a.error_message.split(":")[0]) for a in answers] == [
         ("a", ""),
@@ -126,8 +123,9 @@ def test_a_stream_answers_each_request_in_order_and_goes_on_after_a_failure(chan
         ("c", ""),
     ]
     for answer, sent in zip([answers[0], *answers[2:]], images, strict=True):
-        got = np.frombuffer(answer.infer_response.raw_output_contents[0], "<f4").reshape(len(sent), len(LABELS))
-        np.testing.assert_allclose(got, expected_probabilities(sent), atol=1e-6)
+        np.testing.assert_allclose(
+            answered_probabilities(answer.infer_response), expected_probabilities(sent), atol=1e-6
+        )
 
 
 def executions(channel: grpc.Channel, model: str) -> int:
@@ -146,7 +144,7 @@ def test_the_server_refuses_at_once_what_cannot_finish_before_the_deadline(echo_
     try:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             images = np.random.default_rng(2).random((64, 3, 32, 32), dtype=np.float32)
-            request = raw_request(images, model="slow")
+            request = infer_request(images, "slow")
             request.parameters["draws"].int64_param = 16
             started = time.monotonic()
             error = refusal(channel, request, timeout=1.0)
