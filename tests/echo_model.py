@@ -17,25 +17,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from atop_proto import grpc_service_pb2 as pb
-
 LABELS = ["red", "green", "blue"]
 SHARPNESS = 8.0
 SIZE = 32
 SLOW_PRODUCTS = 12  # [N,3072] x [3072,3072] products per execution: milliseconds per image on a CPU core
-
-
-def infer_request(images: np.ndarray, model: str = "echo", request_id: str = "") -> pb.ModelInferRequest:
-    """A KServe ModelInferRequest of float [N,3,H,W] images as a raw FP32 tensor."""
-    request = pb.ModelInferRequest(model_name=model, id=request_id)
-    request.inputs.add(name="IMAGE", datatype="FP32", shape=list(images.shape))
-    request.raw_input_contents.append(images.astype("<f4").tobytes())
-    return request
-
-
-def answered_probabilities(response: pb.ModelInferResponse) -> np.ndarray:
-    """The PROBABILITIES tensor of a ModelInferResponse."""
-    return np.frombuffer(response.raw_output_contents[0], "<f4").reshape(list(response.outputs[0].shape))
 
 
 def expected_probabilities(unit_nchw: np.ndarray) -> np.ndarray:

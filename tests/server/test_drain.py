@@ -8,7 +8,8 @@ import threading
 import grpc
 import numpy as np
 import pytest
-from echo_model import answered_probabilities, expected_probabilities, infer_request
+from echo_model import expected_probabilities
+from echo_requests import answered_probabilities, infer_request
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serving import ExecutionGate
 

@@ -10,7 +10,8 @@ import time
 import grpc
 import numpy as np
 import pytest
-from echo_model import LABELS, answered_probabilities, expected_probabilities, infer_request
+from echo_model import LABELS, expected_probabilities
+from echo_requests import answered_probabilities, infer_request
 
 from atop_proto import classify_pb2, classify_pb2_grpc
 from atop_proto import grpc_service_pb2 as pb

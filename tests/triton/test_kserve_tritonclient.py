@@ -137,10 +137,15 @@ def test_fp32_input_and_randomized_answers(client):
     assert first.shape == (4, 10) and not np.array_equal(first, second)  # fresh RT draws on every call
 
 
-def test_draws_parameter(client):
+def test_draws_parameter(server, client):
+    """Each draw is a model pass of its own (how they are averaged: tests/server/test_core_rows.py)."""
     images = np.random.default_rng(2).random((2, 3, 32, 32), dtype=np.float32)
+    images_run = ("atop_batch_size_sum", (("model", "tiny"),))
+    before = scrape(server).get(images_run, 0)
     result = client.infer("tiny", [array_input(images, "FP32")], parameters={"draws": 8})
-    assert result.as_numpy("PROBABILITIES").shape == (2, 10)
+    probabilities = result.as_numpy("PROBABILITIES")
+    assert probabilities.shape == (2, 10) and np.allclose(probabilities.sum(1), 1, atol=1e-5)
+    assert scrape(server)[images_run] - before == 2 * 8
     with pytest.raises(InferenceServerException, match="draws must be between 1 and 8") as error:
         client.infer("tiny", [array_input(images, "FP32")], parameters={"draws": 9})
     assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
