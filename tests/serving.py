@@ -88,8 +88,3 @@ class ExecutionGate:
         if not self.opened.wait(120):
             raise TimeoutError("the test never opened the gate")
         self.forward(model, execution)
-
-
-def grpc_address(server: object) -> str:
-    """The loopback address of an in-process atop_server.app.Server."""
-    return f"127.0.0.1:{server.port}"  # type: ignore[attr-defined]
