@@ -167,3 +167,11 @@ def cifar_test_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not CIFAR_TAR.exists():
         pytest.fail(f"{CIFAR_TAR} is missing: ../shared/datasets must sit beside the checkout")
     return extract_cifar_slice(tmp_path_factory.mktemp("cifar_test"), {"test": 30})
+
+
+@pytest.fixture(scope="session")
+def echo_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository of deterministic classifiers whose every output row is known from its input."""
+    from echo_model import write_echo_repository
+
+    return write_echo_repository(tmp_path_factory.mktemp("echo_models"))

@@ -1,4 +1,5 @@
-"""Run atop-serve as a real process on ephemeral ports, as a deployment would."""
+"""Run atop-serve as a real process on ephemeral ports, as a deployment would; hold a server's model
+executions at a gate, so that tests can act while a request is truly in flight."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,3 +72,22 @@ def start_server(repository: Path, *args: str, timeout: float = 120) -> RunningS
     # Keep draining its log so that the pipe never fills and blocks the server.
     threading.Thread(target=lambda: log.extend(process.stderr), daemon=True).start()  # type: ignore[arg-type]
     return RunningServer(process, event["grpc_port"], event["metrics_port"], event["http_port"], log)
+
+
+class ExecutionGate:
+    """An InferenceCore's on_execution observer that holds the batcher's worker at the first execution until
+    opened, and records the images of every execution. The worker calls the observer after the model ran and
+    before the answers go out, so a held execution is a request the server has started and not answered;
+    what is submitted meanwhile waits in the queue, as behind a slow model."""
+
+    def __init__(self, forward: Callable[[str, object], None] = lambda model, execution: None) -> None:
+        self.forward = forward
+        self.entered, self.opened = threading.Event(), threading.Event()
+        self.images: list[int] = []  # per execution, in order
+
+    def __call__(self, model: str, execution: object) -> None:
+        self.images.append(execution.batch_size)  # type: ignore[attr-defined]
+        self.entered.set()
+        if not self.opened.wait(120):
+            raise TimeoutError("the test never opened the gate")
+        self.forward(model, execution)

@@ -14,7 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
+from echo_model import LABELS, expected_probabilities
+from PIL import Image
 
 from atop_clients import AsyncAtopClient, AtopClient, ClientConfig
 from atop_clients.cli import main as classify
@@ -104,7 +107,8 @@ def test_folder_to_csv_with_labels_and_summary(server, images, tmp_path, capsys)
     assert all(r["label1"] and float(r["score1"]) >= float(r["score3"]) for r in rows)
     summary = json.loads(err.strip().splitlines()[-1])
     assert summary["classified"] == 100 and summary["failed"] == 0 and summary["labelled"] == 100
-    assert 0 <= summary["accuracy"] <= 1
+    assert summary["accuracy"] == sum(r["correct"] == "1" for r in rows) / 100  # what the rows say
+    assert all(r["correct"] == str(int(r["label1"] == r["true_label"])) for r in rows)
 
 
 def test_tar_input_jsonl_and_resume(server, images, tmp_path, capsys):
@@ -116,14 +120,15 @@ def test_tar_input_jsonl_and_resume(server, images, tmp_path, capsys):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert code == 0 and len(records) == 100 and records[0]["path"].startswith(f"{archive}!test/")
     assert records[0]["true_label"] in {p.name for p in images.iterdir()} and records[0]["predictions"][0]["label"]
-    right = sum(r["correct"] for r in records[40:])
 
     out.write_text("\n".join(out.read_text().splitlines()[:40]) + "\n")  # as if interrupted after 40
     code, _, err = run(capsys, archive, "--server", server, "--model", "tiny", "-o", out, "--resume")
     summary = summary_of(err)
     assert code == 0 and summary["skipped"] == 40 and summary["classified"] == 100  # the whole file
-    assert len({json.loads(line)["path"] for line in out.read_text().splitlines()}) == 100
-    assert summary["labelled"] == 100 and summary["accuracy"] != right / 60  # not this run's 60 alone
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len({r["path"] for r in records}) == 100
+    # The whole file's accuracy: the 40 rows kept from the first run and the 60 of this one.
+    assert summary["labelled"] == 100 and summary["accuracy"] == sum(r["correct"] for r in records) / 100
 
 
 def test_resume_replaces_a_failed_row_instead_of_adding_one(server, images, tmp_path, capsys):
@@ -245,7 +250,10 @@ def test_list_file_and_glob_inputs(server, images, tmp_path, capsys):
 
 
 class FlakyService(KServeService):
-    """The real KServe service, answering UNAVAILABLE to the first two inference calls (a restarting pod)."""
+    """The real KServe service, answering `refusal` to the first two inference calls (UNAVAILABLE: a restarting
+    pod; RESOURCE_EXHAUSTED: a full queue)."""
+
+    refusal = grpc.StatusCode.UNAVAILABLE
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
@@ -255,17 +263,23 @@ class FlakyService(KServeService):
         async def flaky(request, context):
             self.calls += 1
             if self.calls <= 2:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+                await context.abort(self.refusal, "try again later")
             return await real(request, context)
 
         self.ModelInfer = flaky
 
 
+class OverloadedService(FlakyService):
+    refusal = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 @contextlib.contextmanager
-def serving(service_class: type[KServeService], repository: Path) -> Iterator[tuple[str, KServeService]]:
+def serving(
+    service_class: type[KServeService], repository: Path, models: tuple[str, ...] = ("tiny",)
+) -> Iterator[tuple[str, KServeService]]:
     """A real grpc.aio server on a free port, on its own event loop (as atop-serve runs it), running
-    `service_class` over a real core serving the model tiny."""
-    core = InferenceCore(CoreConfig(repository, models=("tiny",)))
+    `service_class` over a real core serving `models`."""
+    core = InferenceCore(CoreConfig(repository, models=models))
     core.start()
     service = service_class(core, Metrics(), 64)
     loop = asyncio.new_event_loop()
@@ -287,17 +301,53 @@ def serving(service_class: type[KServeService], repository: Path) -> Iterator[tu
         core.close()
 
 
-def test_client_retries_unavailable_then_succeeds(tiny_repository, cifar_folder):
-    with serving(FlakyService, tiny_repository) as (address, service):
-        image = next((cifar_folder / "test" / "cat").iterdir()).read_bytes()
+@pytest.mark.parametrize("service_class", [FlakyService, OverloadedService], ids=lambda c: c.refusal.name)
+def test_client_retries_unavailable_and_resource_exhausted_then_succeeds(echo_repository, images, service_class):
+    with serving(service_class, echo_repository, ("echo",)) as (address, service):
+        image = next((images / "cat").iterdir()).read_bytes()
         with AtopClient(address, ClientConfig(backoff_base=0.01)) as client:
-            assert len(client.classify([image], "tiny", top_k=2)[0]) == 2
+            assert len(client.classify([image], "echo", top_k=2)[0]) == 2
         assert service.calls == 3
         with AtopClient(address, ClientConfig(retries=1, backoff_base=0.01)) as client:
             service.calls = 0
             with pytest.raises(grpc.RpcError) as error:
-                client.classify([image], "tiny")
-            assert error.value.code() == grpc.StatusCode.UNAVAILABLE and service.calls == 2
+                client.classify([image], "echo")
+            assert error.value.code() == service.refusal and service.calls == 2
+
+
+class PlainKServeService(KServeService):
+    """The real KServe service declaring only the graph's own input in ModelMetadata, as stock Triton serving
+    the exported ONNX does (no BYTES input): clients must decode and send pixels. Records what arrives."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.received: list[str] = []
+        metadata, infer = self.ModelMetadata, self.ModelInfer
+
+        async def own_input_only(request, context):
+            response = await metadata(request, context)
+            del response.inputs[1:]
+            return response
+
+        async def recorded(request, context):
+            self.received.append(request.inputs[0].datatype)
+            return await infer(request, context)
+
+        self.ModelMetadata, self.ModelInfer = own_input_only, recorded
+
+
+@pytest.mark.parametrize("model,datatype", [("echo", "FP32"), ("echo_uint8", "UINT8")])
+def test_the_client_decodes_for_servers_that_take_pixels_only(echo_repository, images, model, datatype):
+    files = sorted((images / "ship").iterdir())[:3]
+    with serving(PlainKServeService, echo_repository, (model,)) as (address, service), AtopClient(address) as client:
+        predictions = client.classify([f.read_bytes() for f in files], model, top_k=3)
+    assert service.received == [datatype]
+    for path, ranked in zip(files, predictions, strict=True):
+        with Image.open(path) as image:  # CIFAR-10 JPEGs are 32x32 already: no resizing to agree on
+            pixels = np.asarray(image.convert("RGB"), np.float32)[None].transpose(0, 3, 1, 2) / 255
+        expected = expected_probabilities(pixels)[0]
+        assert [p.label for p in ranked] == [LABELS[i] for i in np.argsort(-expected, kind="stable")]
+        np.testing.assert_allclose([p.score for p in ranked], np.sort(expected)[::-1], atol=2e-6)
 
 
 class SlowService(KServeService):

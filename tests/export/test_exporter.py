@@ -202,18 +202,13 @@ def test_export_at_256px_with_composite_output(tmp_path):
     assert model.metadata["atop.pipeline"]["output"] == "composite" and model.input_spec["height"] == 256
 
 
-def test_cli_refuses_missing_checkpoints(tmp_path):
-    with pytest.raises(SystemExit):
-        main(
-            [
-                "--classifier",
-                str(tmp_path / "none"),
-                "--purifier",
-                str(tmp_path / "none"),
-                "--repository",
-                str(tmp_path / "r"),
-            ]
-        )
+def test_cli_refuses_missing_checkpoints(tmp_path, capsys):
+    missing = tmp_path / "none"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--classifier", str(missing), "--purifier", str(missing), "--repository", str(tmp_path / "r")])
+    assert exit_info.value.code == 2  # a usage error, before anything is written
+    assert capsys.readouterr().err.strip().endswith(f"atop-export: error: checkpoint {missing} not found")
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_unet_purifier_exports_and_serves(tmp_path):

@@ -2,7 +2,6 @@
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -40,46 +39,67 @@ class SlowModel:
 
 def test_a_lone_request_runs_at_once_and_gets_its_rows():
     model = SlowModel()
-    batcher = DynamicBatcher(model, BatcherConfig(max_batch_size=8, max_queue_delay_us=500_000))
-    started = time.monotonic()
-    result = batcher.submit([np.arange(3.0)])[0].result(timeout=5)
-    assert time.monotonic() - started < 0.25  # did not wait the 0.5 s delay for company
+    # A batcher that waited the delay for company would answer in 10 minutes, not within the 30 s allowed.
+    batcher = DynamicBatcher(model, BatcherConfig(max_batch_size=8, max_queue_delay_us=600_000_000))
+    result = batcher.submit([np.arange(3.0)])[0].result(timeout=30)
     assert result.tolist() == [0.0, 2.0, 4.0]
     batcher.close()
 
 
-def test_concurrent_requests_are_merged_and_split_back():
-    model = SlowModel(seconds=0.05)
+def test_requests_queued_while_the_model_runs_are_merged_and_split_back():
+    model = GatedModel()
     batcher = DynamicBatcher(model, BatcherConfig(max_batch_size=64, max_queue_delay_us=2000))
-    with ThreadPoolExecutor(16) as pool:
-        futures = list(pool.map(lambda i: batcher.submit([np.full(2, float(i))])[0], range(16)))
-        results = [f.result(timeout=10) for f in futures]
-    assert all(r.tolist() == [2.0 * i, 2.0 * i] for i, r in enumerate(results))
-    assert len(model.batches) < 16 and max(model.batches) > 2  # fewer executions than requests
+    (blocker,) = batcher.submit([np.zeros(2)])
+    model.entered.wait()  # the worker runs the blocker: the next sixteen requests queue together
+    futures = [batcher.submit([np.full(2, float(i))], client=f"client{i}")[0] for i in range(16)]
+    model.gate.set()
+    assert [f.result(timeout=10).tolist() for f in futures] == [[2.0 * i, 2.0 * i] for i in range(16)]
+    blocker.result(timeout=10)
+    assert model.batches == [2, 32]  # one execution for all sixteen
     batcher.close()
 
 
 def test_full_queue_refuses_at_once():
-    model = SlowModel(seconds=0.3)
+    model = GatedModel()
     batcher = DynamicBatcher(model, BatcherConfig(max_batch_size=4, max_queue_size=4))
     (first,) = batcher.submit([np.zeros(4)])
-    time.sleep(0.05)  # the worker took it: the queue is empty again
+    model.entered.wait()  # the worker took it: the queue is empty again
     batcher.submit([np.zeros(4)], client="a")  # fills the queue
     with pytest.raises(Overloaded, match="queue full"):
         batcher.submit([np.zeros(1)], client="b")
+    model.gate.set()
     first.result(timeout=5)
     batcher.close()
 
 
+def test_a_request_refused_partway_through_its_parts_queues_none_of_them():
+    model = GatedModel()
+    batcher = DynamicBatcher(model, BatcherConfig(max_batch_size=4, max_queue_size=10))
+    (blocker,) = batcher.submit([np.zeros(4)], client="a")
+    model.entered.wait()
+    (queued,) = batcher.submit([np.full(4, 1.0)], client="a")  # 4 of the 10 places taken
+    with pytest.raises(Overloaded, match="queue full"):  # its first part would fit, its second not
+        batcher.submit([np.full(4, 2.0), np.full(4, 3.0)], client="b")
+    assert batcher.queued_images == 4
+    model.gate.set()
+    assert queued.result(timeout=5).tolist() == [2.0] * 4
+    blocker.result(timeout=5)
+    batcher.close()
+    assert model.batches == [4, 4]  # nothing of the refused request ran
+
+
 def test_expired_and_cancelled_requests_are_skipped():
-    model = SlowModel(seconds=0.2)
+    model = GatedModel()
     batcher = DynamicBatcher(model, BatcherConfig(max_batch_size=2))
     (busy,) = batcher.submit([np.zeros(2)])
-    time.sleep(0.05)
-    (expired,) = batcher.submit([np.zeros(2)], deadline=time.monotonic() + 0.01)
+    model.entered.wait()  # the worker runs `busy`: the next requests wait in the queue
+    deadline = time.monotonic() + 0.01
+    (expired,) = batcher.submit([np.zeros(2)], deadline=deadline)
     (cancelled,) = batcher.submit([np.zeros(2)])
     assert cancelled.cancel()
     (survivor,) = batcher.submit([np.ones(2)])
+    time.sleep(max(deadline - time.monotonic(), 0) + 0.01)  # until the deadline has certainly passed, queued
+    model.gate.set()
     assert survivor.result(timeout=5).tolist() == [2.0, 2.0]
     with pytest.raises(DeadlineExceeded):
         expired.result(timeout=5)

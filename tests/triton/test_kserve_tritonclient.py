@@ -15,9 +15,11 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from echo_model import expected_probabilities
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from serving import start_server
 from tritonclient.utils import InferenceServerException
 
@@ -135,10 +137,15 @@ def test_fp32_input_and_randomized_answers(client):
     assert first.shape == (4, 10) and not np.array_equal(first, second)  # fresh RT draws on every call
 
 
-def test_draws_parameter(client):
+def test_draws_parameter(server, client):
+    """Each draw is a model pass of its own (how they are averaged: tests/server/test_core_rows.py)."""
     images = np.random.default_rng(2).random((2, 3, 32, 32), dtype=np.float32)
+    images_run = ("atop_batch_size_sum", (("model", "tiny"),))
+    before = scrape(server).get(images_run, 0)
     result = client.infer("tiny", [array_input(images, "FP32")], parameters={"draws": 8})
-    assert result.as_numpy("PROBABILITIES").shape == (2, 10)
+    probabilities = result.as_numpy("PROBABILITIES")
+    assert probabilities.shape == (2, 10) and np.allclose(probabilities.sum(1), 1, atol=1e-5)
+    assert scrape(server)[images_run] - before == 2 * 8
     with pytest.raises(InferenceServerException, match="draws must be between 1 and 8") as error:
         client.infer("tiny", [array_input(images, "FP32")], parameters={"draws": 9})
     assert error.value.status() == "StatusCode.INVALID_ARGUMENT"
@@ -178,18 +185,31 @@ def test_wrong_names_and_unknown_models(client):
         client.get_model_metadata("tiny", model_version="7")
 
 
-def test_concurrent_requests_are_batched(server, client):
-    before = client.get_inference_statistics("tiny", as_json=True)["model_stats"][0]
+def scrape(server) -> dict[tuple[str, tuple], float]:
+    """The metrics endpoint's samples: (name, sorted labels) -> value."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_concurrent_requests_are_batched_and_counted_in_the_metrics(server, client):
+    ok = ("atop_requests_total", (("code", "OK"), ("method", "ModelInfer"), ("model", "tiny")))
+    executions = ("atop_batch_size_count", (("model", "tiny"),))
+    images_run = ("atop_batch_size_sum", (("model", "tiny"),))
+    before, scraped_before = client.get_inference_statistics("tiny", as_json=True)["model_stats"][0], scrape(server)
     images = np.random.default_rng(3).random((1, 3, 32, 32), dtype=np.float32)
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda _: client.infer("tiny", [array_input(images, "FP32")]), range(64)))
-    after = client.get_inference_statistics("tiny", as_json=True)["model_stats"][0]
+    after, scraped = client.get_inference_statistics("tiny", as_json=True)["model_stats"][0], scrape(server)
     inferences = int(after["inference_count"]) - int(before.get("inference_count", 0))
-    executions = int(after["execution_count"]) - int(before.get("execution_count", 0))
-    assert inferences == 64 and executions < 64  # requests merged into shared executions
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics").read().decode()
-    assert 'atop_requests_total{code="OK",method="ModelInfer",model="tiny"}' in metrics
-    assert "atop_batch_size_bucket" in metrics
+    executed = int(after["execution_count"]) - int(before.get("execution_count", 0))
+    assert inferences == 64 and executed < 64  # requests merged into shared executions
+    assert scraped[ok] - scraped_before.get(ok, 0) == 64
+    assert scraped[executions] - scraped_before.get(executions, 0) == executed  # one observation per execution
+    assert scraped[images_run] - scraped_before.get(images_run, 0) == 64
 
 
 def test_metrics_port_answers_only_metrics(server):
@@ -259,26 +279,21 @@ def test_overload_is_resource_exhausted_at_once(tiny_repository):
         assert running.stop() == 0
 
 
-def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_repository):
-    running = start_server(tiny_repository, "--models", "tiny", "--max-batch-size", "64")
-    images = np.random.default_rng(6).random((64, 3, 32, 32), dtype=np.float32)
-    outcome = {}
-    with triton.InferenceServerClient(running.address) as c:
-        started = threading.Event()
-
-        def long_request():
-            started.set()
-            outcome["probabilities"] = c.infer(
-                "tiny", [array_input(images, "FP32")], parameters={"draws": 16}
-            ).as_numpy("PROBABILITIES")
-
-        worker = threading.Thread(target=long_request)
-        worker.start()
-        started.wait()
-        threading.Event().wait(0.3)
-        running.process.terminate()  # SIGTERM while the request runs
-        worker.join(60)
-    assert outcome["probabilities"].shape == (64, 10)
+def test_sigterm_drains_a_request_in_flight_then_exits_0(echo_repository):
+    """SIGTERM once the server has started the request (the slow model has run its first parts: its statistics
+    say so), not merely once the client sent it: the whole answer still comes, exact, then exit 0."""
+    running = start_server(echo_repository, "--models", "slow", "--max-batch-size", "4")
+    images = np.random.default_rng(6).random((16, 3, 32, 32), dtype=np.float32)  # x 16 draws: 64 executions
+    with triton.InferenceServerClient(running.address) as c, ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(
+            lambda: c.infer("slow", [array_input(images, "FP32")], parameters={"draws": 16}, client_timeout=120)
+        )
+        while not int(c.get_inference_statistics("slow", as_json=True)["model_stats"][0].get("execution_count", 0)):
+            threading.Event().wait(0.005)  # until its first part has run
+        running.process.terminate()  # SIGTERM
+        assert not answer.done()  # truly in flight: started, not answered
+        probabilities = answer.result(timeout=120).as_numpy("PROBABILITIES")
+    np.testing.assert_allclose(probabilities, expected_probabilities(images), atol=1e-6)
     assert running.process.wait(60) == 0
     events = [json.loads(line)["event"] for line in running.log if line.startswith("{")]
     assert events[-2:] == ["stopping", "stopped"]

@@ -1,0 +1,354 @@
+"""`make mutation-check`: break the product on purpose, one breakage at a time, and run the test that must
+notice. Each breakage below is applied to a temporary copy of the working tree (never to the checkout), the
+copy's packages are put first on the import path (the servers the tests start as processes inherit it), and
+its test runs there. The tests are first run unbroken: a test that fails anyway proves nothing.
+
+Exit 0 when every breakage is caught; 1 when one is missed, or cannot be applied because the code it breaks
+changed (then update its edits here). Not part of `make test`: a few minutes on 2 cores.
+
+    python tests/mutation_check.py [--only SUBSTRING] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("models", "export", "server", "clients", "proto")  # workspace members: each holds one package
+
+
+@dataclass(frozen=True)
+class Breakage:
+    name: str
+    path: str  # relative to the repository root
+    edits: tuple[tuple[str, str], ...]  # (old, new): each old text must occur exactly once in the file
+    test: str  # the pytest node id that must fail
+
+
+DRAIN_TEST = (
+    "tests/server/test_drain.py::test_stop_drains_the_request_in_flight_refuses_new_calls_and_reports_not_serving"
+)
+SERVER_DEADLINE_TEST = (
+    "tests/server/test_kserve_inputs.py::test_the_server_refuses_at_once_what_cannot_finish_before_the_deadline"
+)
+RESUME_TEST = "tests/clients/test_classify_cli.py::test_resume_replaces_a_failed_row_instead_of_adding_one"
+
+BREAKAGES = [
+    Breakage(
+        "draws averaged (N, draws) instead of (draws, N)",
+        "server/atop_server/core.py",
+        (("rows.reshape(draws, len(images), -1).mean(0)", "rows.reshape(len(images), draws, -1).mean(1)"),),
+        "tests/server/test_core_rows.py::test_draws_are_averaged_per_image_across_parts_and_executions",
+    ),
+    Breakage(
+        "UINT8 pixels given to a float model unscaled",
+        "server/atop_server/core.py",
+        ((".astype(np.float32) / np.float32(255.0)", ".astype(np.float32)"),),
+        "tests/server/test_core_rows.py::test_uint8_pixels_reach_a_float_model_in_its_layout_and_scale",
+    ),
+    Breakage(
+        # Cancelling the awaiting task cancels the parts' futures (asyncio.wrap_future chains it), and the core
+        # cancels them again when it leaves: both must go for the work to stay queued.
+        "the core awaits a request's parts without withdrawing them when it gives up",
+        "server/atop_server/core.py",
+        (
+            ("asyncio.wrap_future(f) for f in futures", "asyncio.shield(asyncio.wrap_future(f)) for f in futures"),
+            ("                f.cancel()  # after a timeout", "                pass  # after a timeout"),
+        ),
+        "tests/server/test_core_rows.py::test_queued_work_of_cancelled_and_expired_requests_never_runs",
+    ),
+    Breakage(
+        "a lone request waits the queue delay for company",
+        "server/atop_server/batcher.py",
+        (("if full or not company or self._closed", "if full or self._closed"),),
+        "tests/server/test_batcher.py::test_a_lone_request_runs_at_once_and_gets_its_rows",
+    ),
+    Breakage(
+        "merged requests all get the first request's rows",
+        "server/atop_server/batcher.py",
+        (("                offset += len(item.images)\n", ""),),
+        "tests/server/test_batcher.py::test_requests_queued_while_the_model_runs_are_merged_and_split_back",
+    ),
+    Breakage(
+        "a request admitted part by part: refused partway, its first parts stay queued",
+        "server/atop_server/batcher.py",
+        (
+            (
+                """            self._admit(count, client, None if deadline is None else deadline - now)
+            items = [_Item(part, Future(), deadline, now, client) for part in parts]
+            self._queues.setdefault(client, deque()).extend(items)
+            self._client_images[client] = self._client_images.get(client, 0) + count
+            self._queued_images += count
+""",
+                """            items = []
+            for part in parts:
+                self._admit(len(part), client, None if deadline is None else deadline - now)
+                items.append(_Item(part, Future(), deadline, now, client))
+                self._queues.setdefault(client, deque()).append(items[-1])
+                self._client_images[client] = self._client_images.get(client, 0) + len(part)
+                self._queued_images += len(part)
+""",
+            ),
+        ),
+        "tests/server/test_batcher.py::test_a_request_refused_partway_through_its_parts_queues_none_of_them",
+    ),
+    Breakage(
+        "the batcher runs queued work whose deadline passed",
+        "server/atop_server/batcher.py",
+        (("if item.deadline is not None and time.monotonic() > item.deadline:", "if False:"),),
+        "tests/server/test_batcher.py::test_expired_and_cancelled_requests_are_skipped",
+    ),
+    Breakage(
+        "the batcher runs queued work that was cancelled",
+        "server/atop_server/batcher.py",
+        (("if not item.future.set_running_or_notify_cancel():", "if item.future.cancelled() and False:"),),
+        "tests/server/test_batcher.py::test_expired_and_cancelled_requests_are_skipped",
+    ),
+    Breakage(
+        "stopping without turning health NOT_SERVING",
+        "server/atop_server/app.py",
+        (("NOT_SERVING)\n        # After the grace", "SERVING)\n        # After the grace"),),
+        DRAIN_TEST,
+    ),
+    Breakage(
+        "stopping without a grace period: the request in flight is cancelled",
+        "server/atop_server/app.py",
+        (("await self.grpc.stop(self.config.grace_seconds)", "await self.grpc.stop(0)"),),
+        DRAIN_TEST,
+    ),
+    Breakage(
+        "the probe command exits 0 whatever the status",
+        "server/atop_server/healthcheck.py",
+        (("sys.exit(0 if response.status == health_pb2.HealthCheckResponse.SERVING else 1)", "sys.exit(0)"),),
+        DRAIN_TEST,
+    ),
+    Breakage(
+        "the probe command ignores ATOP_HEALTH_PORT",
+        "server/atop_server/healthcheck.py",
+        (("port = health_port if health_port.isdigit() else", "port ="),),
+        DRAIN_TEST,
+    ),
+    Breakage(
+        "typed UINT8 contents above 255 are not refused (they wrap or fail inside)",
+        "server/atop_server/kserve.py",
+        (('if tensor.datatype == "UINT8" and values and max(values) > 255:', "if False:"),),
+        "tests/server/test_kserve_inputs.py::test_typed_contents_that_do_not_fit_are_invalid",
+    ),
+    Breakage(
+        "typed UINT8 contents read as FP32",
+        "server/atop_server/kserve.py",
+        (('dtype=np.uint8 if tensor.datatype == "UINT8" else np.float32', "dtype=np.float32"),),
+        "tests/server/test_kserve_inputs.py::test_typed_fp32_and_uint8_contents_reach_the_model_in_order",
+    ),
+    Breakage(
+        "the core does not bound the images of a request",
+        "server/atop_server/core.py",
+        (("if count > self.config.max_images_per_request:", "if False:"),),
+        "tests/server/test_kserve_inputs.py::test_images_per_request_are_bounded_in_both_apis",
+    ),
+    Breakage(
+        "the server ignores the client's deadline",
+        "server/atop_server/servicing.py",
+        (("return Call(client=context.peer(), deadline=deadline)", "return Call(client=context.peer())"),),
+        SERVER_DEADLINE_TEST,
+    ),
+    Breakage(
+        "admission does not weigh a request's own work against its deadline",
+        "server/atop_server/batcher.py",
+        (("if time_left is not None and own > time_left:", "if False:"),),
+        SERVER_DEADLINE_TEST,
+    ),
+    Breakage(
+        "atop-serve dies on SIGTERM instead of draining",
+        "server/atop_server/cli.py",
+        (("    signal.signal(signal.SIGTERM, on_signal)\n", ""),),
+        "tests/triton/test_kserve_tritonclient.py::test_sigterm_drains_a_request_in_flight_then_exits_0",
+    ),
+    Breakage(
+        "the batch-size histogram records executions, not their images",
+        "server/atop_server/metrics.py",
+        (("self.batch_size.labels(model).observe(execution.batch_size)", "self.batch_size.labels(model).observe(1)"),),
+        "tests/triton/test_kserve_tritonclient.py::test_concurrent_requests_are_batched_and_counted_in_the_metrics",
+    ),
+    Breakage(
+        "ATOP_* variables are not read",
+        "server/atop_server/cli.py",
+        (("    if variable not in os.environ:\n", "    if True:\n"),),
+        "tests/server/test_cli_environment.py::test_every_option_is_read_from_its_variable_into_its_field",
+    ),
+    Breakage(
+        "two queue bounds wired into each other's fields",
+        "server/atop_server/cli.py",
+        (
+            (
+                "args.max_queue_size,\n                args.max_client_queue_size,",
+                "args.max_client_queue_size,\n                args.max_queue_size,",
+            ),
+        ),
+        "tests/server/test_cli_environment.py::test_every_option_is_read_from_its_variable_into_its_field",
+    ),
+    Breakage(
+        "the client does not retry RESOURCE_EXHAUSTED",
+        "clients/atop_clients/client.py",
+        (("grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)", "grpc.StatusCode.UNAVAILABLE,)"),),
+        "tests/clients/test_classify_cli.py::test_client_retries_unavailable_and_resource_exhausted_then_succeeds",
+    ),
+    Breakage(
+        "the client sends FP32 pixels unscaled",
+        "clients/atop_clients/protocol.py",
+        (('.astype("<f4") / np.float32(255)', '.astype("<f4")'),),
+        "tests/clients/test_classify_cli.py::test_the_client_decodes_for_servers_that_take_pixels_only",
+    ),
+    Breakage(
+        "the client decodes images as BGR",
+        "clients/atop_clients/protocol.py",
+        (("return np.asarray(rgb, dtype=np.uint8)", "return np.asarray(rgb, dtype=np.uint8)[..., ::-1]"),),
+        "tests/clients/test_classify_cli.py::test_the_client_decodes_for_servers_that_take_pixels_only",
+    ),
+    Breakage(
+        "--resume keeps failed rows instead of retrying them",
+        "clients/atop_clients/output.py",
+        (('        if row["error"]:\n            continue\n', ""),),
+        RESUME_TEST,
+    ),
+    Breakage(
+        "--resume classifies every input again",
+        "clients/atop_clients/cli.py",
+        (("todo = [item for item in items if item.key not in previous.keys]", "todo = list(items)"),),
+        RESUME_TEST,
+    ),
+    Breakage(
+        "the defense rt+atop built with the purifier before AToP",
+        "models/atop_models/evaluation/defenses.py",
+        (('"rt+atop": checkpoints.atop,', '"rt+atop": checkpoints.pretrained,'),),
+        "tests/models/test_zoo.py::test_the_atop_purifier_beats_its_baseline_on_the_same_images_and_draws",
+    ),
+    Breakage(
+        "the classification extension ranks worst first",
+        "server/atop_server/kserve.py",
+        (('np.argsort(-probabilities, axis=1, kind="stable")[:, :k]', "np.argsort(probabilities, axis=1)[:, :k]"),),
+        "tests/server/test_kserve_inputs.py::test_the_classification_extension_ranks_every_image_best_first",
+    ),
+    Breakage(
+        "a failed request on a stream is answered without its id",
+        "server/atop_server/kserve.py",
+        (("infer_response=pb.ModelInferResponse(id=request.id)", "infer_response=pb.ModelInferResponse()"),),
+        "tests/server/test_kserve_inputs.py::test_a_stream_answers_each_request_in_order_and_goes_on_after_a_failure",
+    ),
+    Breakage(
+        "the summary of a resumed run counts this run's rows only",
+        "clients/atop_clients/cli.py",
+        (("tally, failures = dataclasses.replace(previous.tally), []", "tally, failures = Tally(), []"),),
+        "tests/clients/test_classify_cli.py::test_tar_input_jsonl_and_resume",
+    ),
+]
+
+
+def copy_tree(target: Path) -> Path:
+    """The working tree as git sees it (tracked and untracked, not ignored) in target/repo, with ../shared
+    beside it as the checkout has it (the tests read CIFAR-10 from there)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    root = target / "repo"
+    for name in filter(None, listed):
+        source = REPO / name.decode()
+        if source.is_file():
+            (root / name.decode()).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, root / name.decode())
+    if (REPO.parent / "shared").exists():
+        (target / "shared").symlink_to(REPO.parent / "shared")
+    return root
+
+
+def environment(root: Path) -> dict[str, str]:
+    """The copy's packages ahead of the editable installs of the checkout's."""
+    paths = [str(root / package) for package in PACKAGES]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+
+
+def pytest(root: Path, tests: list[str]) -> subprocess.CompletedProcess:
+    # One process per run, tests/triton included (its protobuf clash is with our own tests, not run beside it).
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=", *tests]
+    return subprocess.run(command, cwd=root, env=environment(root), capture_output=True, text=True)
+
+
+def check_imports(root: Path) -> None:
+    probe = "import atop_server, atop_models, atop_clients; print(atop_server.__file__)"
+    where = subprocess.run([sys.executable, "-c", probe], env=environment(root), capture_output=True, text=True)
+    if not where.stdout.strip().startswith(str(root)):
+        raise SystemExit(f"mutation-check: the copy's packages are not imported ({where.stdout}{where.stderr})")
+
+
+def apply(root: Path, breakage: Breakage) -> str:
+    """Break the copy; returns the file's original text."""
+    path = root / breakage.path
+    original = broken = path.read_text()
+    for old, new in breakage.edits:
+        if broken.count(old) != 1:
+            raise LookupError(f"{breakage.path} holds {old!r} {broken.count(old)} times, not once")
+        broken = broken.replace(old, new)
+    path.write_text(broken)
+    return original
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="run only the breakages whose name contains this")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary copy (its path is printed)")
+    args = parser.parse_args()
+    chosen = [b for b in BREAKAGES if args.only in b.name]
+    if not chosen:
+        parser.error(f"no breakage's name contains {args.only!r}")
+    target = Path(tempfile.mkdtemp(prefix="atop-mutation-"))
+    try:
+        root = copy_tree(target)
+        check_imports(root)
+        tests = sorted({b.test for b in chosen})
+        # tests/triton cannot share a process with the other tests (tritonclient's protobuf names clash).
+        triton = [t for t in tests if t.startswith("tests/triton/")]
+        for group in filter(None, (triton, [t for t in tests if t not in triton])):
+            baseline = pytest(root, group)
+            if baseline.returncode != 0:
+                raise SystemExit(f"mutation-check: the tests fail without any breakage:\n{baseline.stdout[-4000:]}")
+        results = []
+        for breakage in chosen:
+            started = time.monotonic()
+            try:
+                original = apply(root, breakage)
+            except LookupError as error:
+                results.append(("CANNOT APPLY", breakage, str(error)))
+                continue
+            try:
+                run = pytest(root, [breakage.test])
+            finally:
+                (root / breakage.path).write_text(original)
+            verdict = "caught" if run.returncode != 0 else "MISSED"
+            results.append((verdict, breakage, f"{time.monotonic() - started:.0f} s"))
+            print(f"{verdict:12} {breakage.name} ({breakage.test})", flush=True)
+    finally:
+        if args.keep:
+            print(f"the copy: {target}")
+        else:
+            shutil.rmtree(target)
+    caught = sum(verdict == "caught" for verdict, _, _ in results)
+    print(f"\n{caught} of {len(results)} breakages caught")
+    for verdict, breakage, detail in results:
+        if verdict != "caught":
+            print(f"{verdict}: {breakage.name} in {breakage.path}: {detail} ({breakage.test})")
+    sys.exit(0 if caught == len(results) else 1)
+
+
+if __name__ == "__main__":
+    main()
