@@ -44,8 +44,13 @@ RESUME_TEST = "tests/clients/test_classify_cli.py::test_resume_replaces_a_failed
 BREAKAGES = [
     Breakage(
         "draws averaged (N, draws) instead of (draws, N)",
-        "server/atop_server/core.py",
-        (("rows.reshape(draws, len(images), -1).mean(0)", "rows.reshape(len(images), draws, -1).mean(1)"),),
+        "server/atop_server/outputs.py",
+        (
+            (
+                "per_draw = plain.reshape(draws, -1, plain.shape[-1])",
+                "per_draw = plain.reshape(-1, draws, plain.shape[-1]).transpose(1, 0, 2)",
+            ),
+        ),
         "tests/server/test_core_rows.py::test_draws_are_averaged_per_image_across_parts_and_executions",
     ),
     Breakage(
@@ -121,7 +126,7 @@ BREAKAGES = [
     Breakage(
         "stopping without a grace period: the request in flight is cancelled",
         "server/atop_server/app.py",
-        (("await self.grpc.stop(self.config.grace_seconds)", "await self.grpc.stop(0)"),),
+        (("self.grpc.stop(self.config.grace_seconds)", "self.grpc.stop(0)"),),
         DRAIN_TEST,
     ),
     Breakage(
@@ -210,7 +215,7 @@ BREAKAGES = [
     Breakage(
         "the client decodes images as BGR",
         "clients/atop_clients/protocol.py",
-        (("return np.asarray(rgb, dtype=np.uint8)", "return np.asarray(rgb, dtype=np.uint8)[..., ::-1]"),),
+        (("return rgb_array(image, height, width)", "return rgb_array(image, height, width)[..., ::-1]"),),
         "tests/clients/test_classify_cli.py::test_the_client_decodes_for_servers_that_take_pixels_only",
     ),
     Breakage(
