@@ -254,6 +254,37 @@ BREAKAGES = [
         (("tally, failures = dataclasses.replace(previous.tally), []", "tally, failures = Tally(), []"),),
         "tests/clients/test_classify_cli.py::test_tar_input_jsonl_and_resume",
     ),
+    # The server's hardening (its defences against hostile or careless clients):
+    Breakage(
+        "hardening: a second server may share a busy port",
+        "server/atop_server/app.py",
+        (("if port and not port_is_free(host, port):", "if False:"),),
+        "tests/server/test_hardening.py::test_busy_ports_are_refused_in_one_line",
+    ),
+    Breakage(
+        "hardening: no bound on a request's decoded pixels",
+        "server/atop_server/core.py",
+        (("if total > self.config.max_request_pixels:", "if False:"),),
+        "tests/server/test_core.py::test_decoded_pixels_are_bounded_per_request_and_in_flight",
+    ),
+    Breakage(
+        "hardening: decoding goes on past the deadline",
+        "server/atop_server/core.py",
+        (('call.check_deadline("while its images were decoded")', "pass"),),
+        "tests/server/test_core.py::test_decoding_checks_the_deadline_between_images",
+    ),
+    Breakage(
+        "hardening: a bearer token's prefix is not checked",
+        "server/atop_server/auth.py",
+        (('if not authorization[0].startswith("Bearer "):', "if False:"),),
+        "tests/server/test_security.py::test_tokens_guard_every_rpc_but_health",
+    ),
+    Breakage(
+        "hardening: metrics open to anyone despite tokens",
+        "server/atop_server/metrics.py",
+        (("if auth.tokens and not auth.public_metrics else None", "if False else None"),),
+        "tests/server/test_security.py::test_metrics_need_a_token_unless_public",
+    ),
 ]
 
 

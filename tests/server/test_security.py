@@ -81,6 +81,11 @@ def test_tokens_guard_every_rpc_but_health(tls_address, ca):
     with grpc.secure_channel(tls_address, grpc.ssl_channel_credentials(ca.pem)) as channel:
         assert code_of(lambda: ready(channel)) == grpc.StatusCode.UNAUTHENTICATED
         assert code_of(lambda: ready(channel, "wrong-token-0123456789")) == grpc.StatusCode.UNAUTHENTICATED
+        bare = (("authorization", TOKEN),)  # the right token, but not as a bearer token
+        call = pb_grpc.GRPCInferenceServiceStub(channel).ServerReady
+        assert (
+            code_of(lambda: call(pb.ServerReadyRequest(), timeout=60, metadata=bare)) == grpc.StatusCode.UNAUTHENTICATED
+        )
         stream = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter([pb.ModelInferRequest()]), timeout=60)
         assert code_of(lambda: list(stream)) == grpc.StatusCode.UNAUTHENTICATED
         check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=60)
