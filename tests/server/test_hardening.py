@@ -153,8 +153,13 @@ def test_sigterm_finishes_within_the_grace_period_whatever_the_streams_did(tiny_
     assert events[-2:] == ["stopping", "stopped"]
 
 
+# Fixed default ports (8000, 8002) may be taken on a test machine: off unless a test names them (flags win).
+QUIET_PORTS = {"ATOP_HTTP_PORT": "-1", "ATOP_METRICS_PORT": "-1"}
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
+    environment = {**os.environ, **QUIET_PORTS, **(env or {})}
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=environment, timeout=300)
 
 
 @pytest.mark.parametrize(
@@ -202,6 +207,11 @@ def test_busy_ports_are_refused_in_one_line(server, tiny_repository):
     result = run_cli("--model-repository", repository, "--port", str(free_port()), "--metrics-port", taken)
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert f"cannot bind metrics to 127.0.0.1:{taken}" in result.stderr and "--metrics-port" in result.stderr
+
+    taken = str(server.http_port)
+    result = run_cli("--model-repository", repository, "--port", str(free_port()), "--http-port", taken)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert f"cannot bind HTTP to 127.0.0.1:{taken}" in result.stderr and "--http-port" in result.stderr
 
 
 @pytest.mark.slow
