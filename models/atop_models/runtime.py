@@ -43,6 +43,14 @@ class Runtime:
         dist.all_reduce(t)
         return {k: v / self.world_size for k, v in zip(keys, t.tolist(), strict=True)}
 
+    def spread(self, value: float) -> float:
+        """max - min of a scalar over the ranks; 0 on one process."""
+        if not self.distributed:
+            return 0.0
+        t = torch.tensor([value, -value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t[0] + t[1])
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

@@ -27,6 +27,27 @@ class Task(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+# BatchNorm's running statistics are updated by each rank from its own batch (DDP broadcasts rank 0's before the
+# next forward), so they are left out of the comparison of the ranks' states.
+_PER_RANK_BUFFERS = ("running_mean", "running_var")
+
+
+def weights_fingerprint(state: Any) -> float:
+    """The sum of every floating-point tensor in a (nested) state: weights and optimiser moments. Ranks that
+    average their gradients (DDP) hold identical states, so their fingerprints agree to the last bit."""
+    if isinstance(state, torch.Tensor):
+        return float(state.detach().double().sum()) if state.is_floating_point() else 0.0
+    if isinstance(state, dict):
+        return sum(
+            weights_fingerprint(value)
+            for key, value in state.items()
+            if not (isinstance(key, str) and key.endswith(_PER_RANK_BUFFERS))
+        )
+    if isinstance(state, list | tuple):
+        return sum(weights_fingerprint(value) for value in state)
+    return 0.0
+
+
 def _reseed(seed: int, runtime: Runtime, epoch: int, batch: int) -> None:
     """Distinct streams per rank, reproducible per position (so a resumed run draws like a fresh one)."""
     seed_everything(seed * 1_000_003 + runtime.rank * 7_919 + epoch * 104_729 + batch)
@@ -84,6 +105,8 @@ def fit(
             "train_images_per_second": round(images / max(seconds, 1e-9), 1),
             "world_size": runtime.world_size,
             "steps_per_epoch": len(loader),
+            # 0 when the ranks hold the same state, as they must; anything else means they trained apart.
+            "ranks_state_spread": runtime.spread(weights_fingerprint(task.state_dict())),
         }
         metrics.update(task.end_epoch(epoch))
         runtime.barrier()
