@@ -143,4 +143,4 @@ container-test: install
 	RUN="$(RUN)" bash deploy/container-test.sh
 
 clean:
-	rm -rf .venv .tools .pytest_cache .ruff_cache
+	rm -rf .venv .venv-bench .tools .pytest_cache .ruff_cache
