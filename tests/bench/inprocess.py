@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -18,9 +19,6 @@ from onnx import TensorProto, helper
 from atop_server.codec import decode_image
 from atop_server.repository import LoadedModel
 from atop_server.session import create_session
-
-_CONV_OPS = {"Conv", "FusedConv", "NhwcFusedConv", "NhwcConv"}
-_MATMUL_OPS = {"MatMul", "FusedMatMul", "Gemm"}
 
 
 def model_input(loaded: LoadedModel, jpegs: list[bytes]) -> np.ndarray:
@@ -55,47 +53,67 @@ def run_batches(session: ort.InferenceSession, images: np.ndarray, batch: int, s
     return Sample(done, time.perf_counter() - started, latencies)
 
 
-def _elements(shape: list[int]) -> int:
-    return math.prod(shape)
-
-
-def graph_profile(model: Path, images: np.ndarray, runs: int = 3) -> dict:
-    """GFLOP per image of the graph as onnxruntime runs it (convolutions and matmuls, 2 FLOP a multiply-add,
-    from the shapes the profiler records) and where its time goes, per operator type and per node."""
+def _node_events(model: Path, images: np.ndarray, optimization: ort.GraphOptimizationLevel, runs: int) -> list:
+    """onnxruntime's profiler events of each node of `runs` calls (after one untimed call)."""
     with tempfile.TemporaryDirectory() as folder:
         options = ort.SessionOptions()
+        options.graph_optimization_level = optimization
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(folder) / "ort")
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
-        session.run(None, {name: images})  # graph set-up, not counted
-        for _ in range(runs):
+        for _ in range(runs + 1):
             session.run(None, {name: images})
         events = json.loads(Path(session.end_profiling()).read_text())
     nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    nodes = nodes[len(nodes) // (runs + 1) :]  # the warm-up call's nodes come first
+    return nodes[len(nodes) // (runs + 1) :]  # the untimed call's nodes come first
+
+
+def graph_profile(model: Path, images: np.ndarray, runs: int = 3) -> dict:
+    """GFLOP per image of the graph as exported (convolutions and matmuls, 2 FLOP a multiply-add, from the
+    shapes the profiler records on the unoptimized graph: the optimized one pads channels to the NCHWc block),
+    and where the optimized graph's time goes, per operator type and per node."""
+    flops = 0
+    for event in _node_events(model, images[:8], ort.GraphOptimizationLevel.ORT_DISABLE_ALL, 1):
+        op = event["args"]["op_name"]
+        shapes_in = [next(iter(d.values())) for d in event["args"].get("input_type_shape", [])]
+        shapes_out = [next(iter(d.values())) for d in event["args"].get("output_type_shape", [])]
+        if op == "Conv":
+            flops += 2 * math.prod(shapes_out[0]) * math.prod(shapes_in[1][1:])
+        elif op in ("MatMul", "Gemm"):
+            flops += 2 * math.prod(shapes_out[0]) * shapes_in[0][-1]
     per_op: collections.Counter[str] = collections.Counter()
     per_node: collections.Counter[str] = collections.Counter()
-    flops = 0
-    for event in nodes:
-        args = event["args"]
-        op = args["op_name"]
+    for event in _node_events(model, images, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, runs):
+        op = event["args"]["op_name"]
         per_op[op] += event["dur"]
         per_node[f"{event['name'].removesuffix('_kernel_time')} ({op})"] += event["dur"]
-        shapes_in = [next(iter(d.values())) for d in args.get("input_type_shape", [])]
-        shapes_out = [next(iter(d.values())) for d in args.get("output_type_shape", [])]
-        if op in _CONV_OPS:
-            flops += 2 * _elements(shapes_out[0]) * _elements(shapes_in[1][1:])
-        elif op in _MATMUL_OPS:
-            flops += 2 * _elements(shapes_out[0]) * shapes_in[0][-1]
     total = sum(per_op.values())
     return {
-        "gflop_per_image": flops / runs / len(images) / 1e9,
+        "gflop_per_image": flops / min(len(images), 8) / 1e9,
         "batch": len(images),
         "node_ms_per_run": total / runs / 1000,
         "ops": {op: round(us / total, 4) for op, us in per_op.most_common(12)},
         "top_nodes_ms": {node: round(us / runs / 1000, 2) for node, us in per_node.most_common(10)},
+    }
+
+
+def efficiency(
+    session: ort.InferenceSession, images: np.ndarray, batch: int, gflop_per_image: float, pairs: int = 5
+) -> dict[str, float]:
+    """The graph's GFLOP/s at `batch` against the matmul peak, in back-to-back 1 s windows of each: on a shared
+    machine the peak itself moves with the neighbours, so each pair's ratio is taken, then their median."""
+    ratios, graph, peak = [], [], []
+    for _ in range(pairs):
+        peak.append(matmul_peak_gflops(1.0))
+        graph.append(run_batches(session, images, batch, 1.0).summary()["images_per_second"] * gflop_per_image)
+        ratios.append(graph[-1] / peak[-1])
+    return {
+        "batch": batch,
+        "graph_gflops": statistics.median(graph),
+        "matmul_peak_gflops": statistics.median(peak),
+        "of_matmul_peak": statistics.median(ratios),
     }
 
 
