@@ -33,6 +33,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/serving.py, not this file
@@ -42,7 +43,7 @@ from loads import LOADS, Load, Sample, drive
 from plot import plot
 from serving import RunningServer, start_server
 
-from atop_server.repository import load_model
+from atop_server.repository import LoadedModel, load_model
 
 SYSTEMS = ("A", "S", "C")
 
@@ -121,17 +122,25 @@ def start_triton(config: BenchConfig) -> Triton:
 
 
 def measure(
-    system: str, load: Load, config: BenchConfig, session: object, images: object, addresses: dict, jpegs: list[bytes]
+    system: str,
+    load: Load,
+    config: BenchConfig,
+    loaded: LoadedModel,
+    images: np.ndarray,
+    addresses: dict[str, str],
+    jpegs: list[bytes],
 ) -> Sample:
+    """One window of one system at one load: A calls the session itself, S and C are driven by clients."""
     if system == "A":
-        return run_batches(session, images, load.in_process_batch(config.max_batch_size), config.seconds)  # type: ignore[arg-type]
+        return run_batches(loaded.session, images, load.in_process_batch(config.max_batch_size), config.seconds)
     return asyncio.run(drive(addresses[system], config.model, load, jpegs, config.seconds))
 
 
 def time_split(sample: Sample, load: Load, decode_ms: float) -> dict[str, float]:
-    """Where an S request's time goes, in ms on average: decoding (this run's decode time per image x images;
-    the pool runs 4 at a time), waiting in the batcher's queue, the graph execution it rode in (atop-serve's
-    compute statistics count executions), and the rest of the client's latency: gRPC, protobuf, answer."""
+    """Where an S request's time goes, in ms on average: decoding (this run's one-thread decode time per image x
+    the request's images: an upper bound, the pool decodes up to 4 at once), waiting in the batcher's queue, the
+    graph execution it rode in (atop-serve's compute statistics count executions, Triton's count requests), and
+    the rest of the client's latency: gRPC, protobuf, the event loop, the answer, the client itself."""
     server = sample.server
     requests = max(server.get("requests", 0.0), 1.0)
     queue = server.get("queue_seconds", 0.0) / requests * 1000
@@ -208,7 +217,7 @@ def run(config: BenchConfig) -> dict:
         for r, i, load in tqdm(steps, desc="rounds x loads"):
             shift = (r + i) % len(systems)
             for system in systems[shift:] + systems[:shift]:  # each system goes first as often as the others
-                sample = measure(system, load, config, loaded.session, images, addresses, jpegs)
+                sample = measure(system, load, config, loaded, images, addresses, jpegs)
                 samples[(system, load.name)].merge(sample)
         if config.py_spy:
             report["py_spy"] = profile_server(server, config, jpegs, config.py_spy)
