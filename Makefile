@@ -22,7 +22,7 @@ help:
 	@echo "make train-default   the default models' recipe into RUNS=runs/default (resumable, hours on a CPU)"
 	@echo "make zoo             copy a finished recipe's checkpoints over models/zoo"
 	@echo "make export          rebuild model_repository/ from the checkpoints in models/zoo"
-	@echo "make bench           serving throughput and latency as ratios to in-process onnxruntime"
+	@echo "make bench           atop-serve vs in-process onnxruntime vs NVIDIA Triton: ratios, JSON, PNG (~10 min)"
 	@echo "make loadtest        atop-serve under twice its capacity on loopback for 60 s (~2 minutes; exit 1 on a miss)"
 	@echo "make fuzz            coverage-guided fuzzing (atheris) of the decode path for FUZZ_SECONDS (600)"
 	@echo "make container-test  build the serving image with podman, classify through it, SIGTERM it"
@@ -147,9 +147,21 @@ serve: serve-install
 	    $(if $(PORT),--port $(PORT)) $(if $(HTTP_PORT),--http-port $(HTTP_PORT)) \
 	    $(if $(METRICS_PORT),--metrics-port $(METRICS_PORT))
 
-# Serving throughput/latency as ratios to in-process onnxruntime (tests/bench/serving.py).
-bench: install
-	$(RUN) python tests/bench/serving.py --model-repository $(MODEL_REPOSITORY) --seconds 10
+# The bench environment: the same lock with the `bench` group (nvidia-pytriton's tritonserver, py-spy), which
+# resolves apart from dev (pytriton needs numpy < 2), so make test and the serving install never pull it.
+.venv-bench/.synced: uv.lock pyproject.toml $(wildcard */pyproject.toml) | $(UV)
+	UV_PROJECT_ENVIRONMENT=.venv-bench $(UV) sync --frozen --all-packages --no-default-groups --group bench
+	touch $@
+
+# atop-serve (S) vs in-process onnxruntime (A) vs NVIDIA Triton (C), interleaved rounds (tests/bench/serving.py):
+# ratios, p50/p99, bench.json and bench.png in BENCH_OUT; ~9 minutes on 2 cores (the first run also exports
+# the 32 / 256 px test models, a few minutes more). docs/performance.md reads the figures.
+BENCH_OUT ?= .data/bench
+BENCH_SECONDS ?= 10
+bench: install .venv-bench/.synced
+	$(RUN) python tests/bench/serving.py --model-repository $(MODEL_REPOSITORY) --images $(DATA) \
+	    --triton-python .venv-bench/bin/python --py-spy .venv-bench/bin/py-spy --seconds $(BENCH_SECONDS) \
+	    --rounds 2 --out $(BENCH_OUT)
 
 # atop-serve under twice its capacity on loopback (tests/bench/loadtest.py): ~2 minutes; exit 1 on a missed target.
 loadtest: install
@@ -166,4 +178,4 @@ container-test: install
 	RUN="$(RUN)" bash deploy/container-test.sh
 
 clean:
-	rm -rf .venv .tools .pytest_cache .ruff_cache
+	rm -rf .venv .venv-bench .tools .pytest_cache .ruff_cache

@@ -141,3 +141,27 @@ def test_validation_messages(core):
     with pytest.raises(ModelNotFoundError, match="unknown model 'nope'"):
         core.model("nope")
     assert core.model("").name == "tiny"  # the default: the first served model
+
+
+def test_a_single_image_is_bounded_and_decoded_in_one_trip_to_the_pool(core):
+    """One-image requests take their own path (header check, pixel budget and decoding in one pool task):
+    the same deadline, per-request and in-flight bounds hold there."""
+    with pytest.raises(DeadlineExceeded, match="before its image was decoded"):
+        asyncio.run(core.decode([png(32)], 32, Call(deadline=time.monotonic())))
+    with pytest.raises(InvalidInput, match=r"hold 4410000 pixels, above the limit of 4000000 per request"):
+        asyncio.run(core.decode([png(2100)], 32, Call()))
+    with pytest.raises(InvalidInput, match="image 0"):
+        asyncio.run(core.decode([b"not an image"], 32, Call()))
+
+    async def beside_a_large_request() -> None:
+        first = asyncio.ensure_future(core.decode([png(700, s) for s in range(8)], 32, Call()))  # 3.9 M pixels
+        while core._pixels_in_flight.used == 0:
+            await asyncio.sleep(0.001)
+        with pytest.raises(Overloaded, match="pixels are being decoded"):
+            await core.decode([png(1500)], 32, Call())  # 2.25 M more: over the 6 M in flight
+        await first
+
+    asyncio.run(beside_a_large_request())
+    decoded = core.decoded_images
+    assert asyncio.run(core.decode([png(64)], 32, Call())).shape == (1, 32, 32, 3)
+    assert core.decoded_images == decoded + 1 and core._pixels_in_flight.used == 0
