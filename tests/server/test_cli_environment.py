@@ -9,6 +9,7 @@ from atop_server.auth import AuthConfig
 from atop_server.batcher import BatcherConfig
 from atop_server.cli import OPTIONS, parse_args
 from atop_server.core import CoreConfig
+from atop_server.http import HttpConfig
 
 FILE_OPTIONS = {"grpc_server_cert", "grpc_server_key", "grpc_root_cert", "auth_token_file"}
 
@@ -43,6 +44,10 @@ def environment(repository: Path) -> dict[str, str]:
         "ATOP_GRPC_USE_SSL": "false",
         "ATOP_GRPC_USE_SSL_MUTUAL": "no",
         "ATOP_PUBLIC_REFLECTION": "true",
+        "ATOP_PUBLIC_METRICS": "true",
+        "ATOP_HTTP_PORT": "9104",
+        "ATOP_HTTP_TIMEOUT_SECONDS": "12.5",
+        "ATOP_DEMO": "false",
     }
 
 
@@ -83,7 +88,9 @@ def test_every_option_is_read_from_its_variable_into_its_field(echo_repository, 
         max_streams_per_connection=32,
         grace_seconds=7.5,
         tls=None,
-        auth=AuthConfig(tokens=frozenset(), public_reflection=True),
+        auth=AuthConfig(tokens=frozenset(), public_reflection=True, public_metrics=True),
+        http=HttpConfig(port=9104, timeout_seconds=12.5, demo=False),
+        log_level="WARNING",
     )
 
 
