@@ -20,6 +20,7 @@ import argparse
 import json
 import statistics
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,14 +45,18 @@ def device_of(provider: str) -> str:
 
 def session(path: Path, provider: str) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.enable_profiling = True  # read once for node placement (host_nodes), then stopped
+    options.enable_profiling = True  # read once for node placement (host_nodes), then stopped and deleted
+    # onnxruntime writes its profile into the working directory unless told otherwise (a checkout, here).
+    options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "atop-gpu-bench")
     return ort.InferenceSession(str(path), options, providers=[provider])
 
 
 def host_nodes(sess: ort.InferenceSession) -> dict[str, int]:
     """Node kernels run by another provider than the first one asked for (CPU fallbacks: host copies)."""
     wanted = sess.get_providers()[0]
-    events = json.loads(Path(sess.end_profiling()).read_text())
+    profile = Path(sess.end_profiling())
+    events = json.loads(profile.read_text())
+    profile.unlink()
     counts: dict[str, int] = {}
     for event in events:
         args = event.get("args", {})
