@@ -31,13 +31,18 @@ def test_ablation_table_and_plot(tmp_path):
                 "base_cpu_hours": 1.5,
             },
             {"label": "given", "clean": "clean.json", "results": "results.json", "defense": "rt+atop", "cpu_hours": 2},
+            {"label": "grid a", "clean": "clean.json", "results": "results.json", "defense": "rt+atop", "cpu_hours": 1},
         ]
     }
     spec_path = tmp_path / "spec.json"
     write(spec_path, spec)
-    trained, given = load_rows(spec_path)
+    for row, point in zip(spec["rows"][1:], ("sigma 0.1", "sigma 0.2"), strict=True):
+        row |= {"series": "RT grid", "point": point}
+    write(spec_path, spec)
+    trained, given, grid = load_rows(spec_path)
     assert (trained["clean"], trained["robust"], trained["cpu_hours"]) == (0.7, 0.4, 2.25)  # pgd-eot, not fgsm
     assert given["cpu_hours"] == 2
+    assert (trained["series"], given["series"], grid["point"]) == (None, "RT grid", "sigma 0.2")
     main([str(spec_path)])
     table = (tmp_path / "ablation.md").read_text()
     assert "| trained | 70.0% (69.0-71.0, n=10000) | 40.0% (34.0-46.0, n=256) | 2.25 |" in table

@@ -5,7 +5,8 @@ training cost, from the files the trainer and the evaluators wrote.
 
 The spec lists rows: {"label", "clean": clean-accuracy JSON, "results": atop-eval results.json, "defense": the
 row of both to take, and either "metrics": the run's metrics.jsonl (training seconds summed, plus "base_cpu_hours"
-for the stages it started from) or "cpu_hours": the whole recipe's}.
+for the stages it started from) or "cpu_hours": the whole recipe's; optionally "series" and "point": rows of one
+series (e.g. an RT grid at one mask fraction) are joined by a line in the plot and each marked with its point}.
 Paths are relative to the spec's folder. Writes ablation.md and ablation.png (robust against clean accuracy,
 95% intervals) beside the spec.
 """
@@ -59,6 +60,8 @@ def load_rows(spec_path: Path) -> list[dict[str, Any]]:
                 "robust_n": robust["n"],
                 "attack": robust["attack"],
                 "cpu_hours": hours,
+                "series": entry.get("series"),
+                "point": entry.get("point"),
             }
         )
     return rows
@@ -79,17 +82,39 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    figure, axis = plt.subplots(figsize=(7, 5))
+    figure, axis = plt.subplots(figsize=(8, 6))
+    series: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        axis.errorbar(
-            r["clean"],
-            r["robust"],
-            xerr=[[r["clean"] - r["clean_ci95"][0]], [r["clean_ci95"][1] - r["clean"]]],
-            yerr=[[r["robust"] - r["robust_ci95"][0]], [r["robust_ci95"][1] - r["robust"]]],
+        series.setdefault(r["series"] or r["label"], []).append(r)
+    for name, members in series.items():
+        # one colour per series: a grid's points share it and are joined in the order the spec lists them
+        line = axis.errorbar(
+            [r["clean"] for r in members],
+            [r["robust"] for r in members],
+            xerr=[
+                [r["clean"] - r["clean_ci95"][0] for r in members],
+                [r["clean_ci95"][1] - r["clean"] for r in members],
+            ],
+            yerr=[
+                [r["robust"] - r["robust_ci95"][0] for r in members],
+                [r["robust_ci95"][1] - r["robust"] for r in members],
+            ],
             marker="o",
             capsize=3,
-            label=r["label"],
+            linestyle="-" if len(members) > 1 else "none",
+            elinewidth=0.6,
+            label=name,
         )
+        for r in members:
+            if r["point"]:
+                axis.annotate(
+                    r["point"],
+                    (r["clean"], r["robust"]),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=7,
+                    color=line[0].get_color(),
+                )
     axis.set_xlabel("clean accuracy (one RT draw)")
     axis.set_ylabel(f"robust accuracy ({rows[0]['attack'] if rows else ATTACK}, l_inf 8/255)")
     axis.grid(alpha=0.3)
