@@ -254,6 +254,12 @@ BREAKAGES = [
         (("tally, failures = dataclasses.replace(previous.tally), []", "tally, failures = Tally(), []"),),
         "tests/clients/test_classify_cli.py::test_tar_input_jsonl_and_resume",
     ),
+    Breakage(
+        "a resumed epoch's train_seconds drops the time it ran before the kill",
+        "models/atop_models/train/loop.py",
+        (("seconds = seconds_before + time.monotonic() - started", "seconds = time.monotonic() - started"),),
+        "tests/models/test_training.py::test_interrupted_run_resumes_mid_epoch",
+    ),
     # The server's hardening (its defences against hostile or careless clients):
     Breakage(
         "hardening: a second server may share a busy port",

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -129,15 +130,17 @@ class Interrupt(Exception):
 
 
 class InterruptingTask:
-    """Wraps a real task and stops the run after a number of steps, as a kill would."""
+    """Wraps a real task and stops the run after a number of steps, as a kill would; `step_seconds` makes each
+    step take at least that long (a stand-in for a slow machine, so the time an epoch ran is known)."""
 
-    def __init__(self, task, stop_after: int | None):
-        self.task, self.stop_after, self.steps = task, stop_after, 0
+    def __init__(self, task, stop_after: int | None, step_seconds: float = 0.0):
+        self.task, self.stop_after, self.step_seconds, self.steps = task, stop_after, step_seconds, 0
 
     def train_step(self, x, y, epoch):
         if self.stop_after is not None and self.steps == self.stop_after:
             raise Interrupt
         self.steps += 1
+        time.sleep(self.step_seconds)
         return self.task.train_step(x, y, epoch)
 
     def __getattr__(self, name):
@@ -219,20 +222,22 @@ def test_interrupted_run_resumes_mid_epoch(synthetic_folder, tmp_path):
     config = small_classifier_config(synthetic_folder, tmp_path, epochs=2)
     run_path = tmp_path / "run"
 
-    def attempt(stop_after, restart=False):
+    def attempt(stop_after, restart=False, step_seconds=0.0):
         run = RunDir(run_path, CPU)
         resume = run.start("classifier", config, restart)
         task, loader = classifier_training.build(config, CPU, run_path)
-        wrapped = InterruptingTask(task, stop_after)
+        wrapped = InterruptingTask(task, stop_after, step_seconds)
         with contextlib.suppress(Interrupt):
             fit(wrapped, loader, run, CPU, config.epochs, config.seed, checkpoint_minutes=0.0, resume=resume)
         return wrapped.steps, len(loader)
 
-    done, per_epoch = attempt(stop_after=3, restart=True)  # killed in epoch 1 after 3 steps
+    done, per_epoch = attempt(stop_after=3, restart=True, step_seconds=1.0)  # killed in epoch 1 after 3 steps
     assert done == 3 and not (run_path / "metrics.jsonl").exists()
     done, _ = attempt(stop_after=None)
     assert done == 2 * per_epoch - 3  # resumed at batch 3 of epoch 1, not from scratch
     assert [m["epoch"] for m in metrics(run_path)] == [1, 2]
+    # epoch 1's cost includes the 3 s it ran before the kill, not only the quick steps after the resume
+    assert metrics(run_path)[0]["train_seconds"] >= 3.0 > metrics(run_path)[1]["train_seconds"]
     done, _ = attempt(stop_after=None)
     assert done == 0  # already finished: nothing redone
 

@@ -3,7 +3,9 @@
 A task (classifier, pretrain, finetune) supplies `train_step`, `end_epoch` (evaluate, save artifacts; rank 0)
 and `state_dict` / `load_state_dict` (everything needed to continue). The loop saves the whole state every
 `checkpoint_minutes` and at each epoch's end, so an interrupted run resumes mid-epoch, at the batch it
-reached: the loader's order depends only on (seed, epoch), and the RNG is reseeded from the position.
+reached: the loader's order depends only on (seed, epoch), and the RNG is reseeded from the position. The state
+also carries the seconds the epoch had run, so `train_seconds` is the whole epoch's cost across resumes (the
+model card's CPU-hours ledger sums it).
 """
 
 from __future__ import annotations
@@ -63,15 +65,17 @@ def fit(
     checkpoint_minutes: float,
     resume: bool,
 ) -> list[dict[str, Any]]:
-    start_epoch, start_batch, sums = 0, 0, {}
+    start_epoch, start_batch, sums, seconds_before = 0, 0, {}, 0.0
     if resume:
         state = load_state(run.state_path)
         task.load_state_dict(state["task"])
         start_epoch, start_batch, sums = state["epoch"], state["batch"], state["sums"]
+        seconds_before = state.get("seconds", 0.0)  # states written before it was recorded lack it
 
-    def save(epoch: int, batch: int, sums: dict[str, float]) -> None:
+    def save(epoch: int, batch: int, sums: dict[str, float], seconds: float) -> None:
         if runtime.is_main:
-            save_state(run.state_path, {"task": task.state_dict(), "epoch": epoch, "batch": batch, "sums": sums})
+            state = {"task": task.state_dict(), "epoch": epoch, "batch": batch, "sums": sums, "seconds": seconds}
+            save_state(run.state_path, state)
 
     history = []
     last_save = time.monotonic()
@@ -93,11 +97,11 @@ def fit(
             bar.update()
             bar.set_postfix({k: f"{v / (batch + 1):.4f}" for k, v in list(sums.items())[:3]})
             if time.monotonic() - last_save > checkpoint_minutes * 60:
-                save(epoch, batch + 1, sums)
+                save(epoch, batch + 1, sums, seconds_before + time.monotonic() - started)
                 last_save = time.monotonic()
         bar.close()
-        seconds = time.monotonic() - started
-        images = (len(loader) - start_batch) * loader.config.batch_size * runtime.world_size
+        seconds = seconds_before + time.monotonic() - started
+        images = len(loader) * loader.config.batch_size * runtime.world_size
         metrics = {
             "epoch": epoch + 1,
             **runtime.mean({f"train_{k}": v / len(loader) for k, v in sums.items()}),
@@ -112,7 +116,7 @@ def fit(
         runtime.barrier()
         run.log(metrics)
         history.append(metrics)
-        start_batch, sums = 0, {}
-        save(epoch + 1, 0, {})
+        start_batch, sums, seconds_before = 0, {}, 0.0
+        save(epoch + 1, 0, {}, 0.0)
         last_save = time.monotonic()
     return history
