@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +61,11 @@ class Call:
 
     def time_left(self) -> float | None:
         return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
+
+    def within(self, seconds: float) -> Call:
+        """This call with its deadline brought forward to `seconds` from now, if that is sooner."""
+        deadline = time.monotonic() + seconds
+        return replace(self, deadline=deadline if self.deadline is None else min(self.deadline, deadline))
 
     def check_deadline(self, during: str) -> None:
         if self.deadline is not None and time.monotonic() >= self.deadline:

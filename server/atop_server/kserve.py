@@ -5,6 +5,7 @@ decoded UINT8 [N,H,W,3], or FP32 [N,3,H,W] in [0,1], as raw_input_contents or ty
 PROBABILITIES FP32 [N,classes]; with the classification extension (output parameter class_count = k) a
 BYTES [N,k] tensor of "score:index:label" strings, best first. On request (by name; outputs.py): RT_IMAGE and
 PURIFIED FP32 [N,3,H,W] of the first draw where the graph has them, and STABILITY FP32 [N].
+Request parameters: draws (RT draws averaged per image) and timeout (Triton's, in microseconds).
 """
 
 from __future__ import annotations
@@ -61,12 +62,12 @@ def _parameter(parameters: dict, name: str, default: int) -> int:
         return default
     value = parameters[name]
     kind = value.WhichOneof("parameter_choice")
-    if kind in ("int64_param", "uint64_param"):
+    if kind in ("int64_param", "uint64_param") and getattr(value, kind) >= 0:
         return int(getattr(value, kind))
     text = value.string_param.strip()
     if kind == "string_param" and text.isascii() and text.isdigit():  # not "²" or "٣", which isdigit() accepts
         return int(text)
-    shown = repr(value.string_param) if kind == "string_param" else kind
+    shown = {"string_param": repr(value.string_param), "int64_param": str(value.int64_param)}.get(kind, kind)
     raise InvalidInput(f"parameter {name!r} must be a non-negative integer, got {shown}")
 
 
@@ -219,6 +220,10 @@ class KServeService(pb_grpc.GRPCInferenceServiceServicer):
         with self.core.failures_counted(model):
             outputs = self._outputs(request, model)  # checked before the model runs
             draws = _parameter(request.parameters, "draws", 1)
+            # Triton's request parameter "timeout" (microseconds; 0: none), which tritonclient's infer(timeout=)
+            # sends over both protocols: the deadline for a client that sets no transport deadline (HTTP has none).
+            if timeout_us := _parameter(request.parameters, "timeout", 0):
+                call = call.within(timeout_us / 1e6)
             images = await self._images(request, model, draws, call)
             images_asked = tuple(name for name, _ in outputs if name in model.image_outputs)
             result = await self.core.infer(model, images, draws, call, images_asked)

@@ -119,6 +119,14 @@ def test_tritonclient_sees_the_servers_errors(client):
     assert error.value.status() == "400"
     with pytest.raises(InferenceServerException, match="draws must be between 1 and 4"):
         client.infer(MODEL, [junk], parameters={"draws": 9})
+    image = triton.InferInput("IMAGE_BYTES", [1, 1], "BYTES")
+    image.set_data_from_numpy(np.array([jpeg(0)], dtype=object).reshape(-1, 1))
+    # Triton's request timeout, microseconds: a request that cannot be served in 1 us is refused with 504,
+    # one with a minute to spare is answered
+    with pytest.raises(InferenceServerException, match="deadline passed before its image was decoded") as error:
+        client.infer(MODEL, [image], timeout=1)
+    assert error.value.status() == "504"
+    assert client.infer(MODEL, [image], timeout=60_000_000).as_numpy("PROBABILITIES").shape == (1, 10)
     with pytest.raises(InferenceServerException, match="unknown model 'nope'") as error:
         client.get_model_metadata("nope")
     assert error.value.status() == "404"
@@ -178,6 +186,8 @@ def test_curl_style_json_infer_with_a_base64_jpeg(url):
         (b'{"inputs": [{"name": "IMAGE", "datatype": "FP32", "shape": [1], "data": [[1], [2, 3]]}]}', "rectangular"),
         (b'{"inputs": [{"name": "IMAGE", "datatype": "FP32", "shape": "1"}]}', "'shape' has the wrong type"),
         (b'{"inputs": [], "parameters": {"draws": [1]}}', "parameter 'draws' must be"),
+        (b'{"inputs": [], "parameters": {"timeout": "soon"}}', "parameter 'timeout' must be a non-negative integer"),
+        (b'{"inputs": [], "parameters": {"timeout": -5}}', "must be a non-negative integer, got -5"),
         (b'{"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [0.5]}]}', "takes one of the inputs"),
     ],
 )

@@ -38,7 +38,7 @@ def infer(channel: grpc.Channel, request: pb.ModelInferRequest, timeout: float =
     return answered_probabilities(pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=timeout))
 
 
-def refusal(channel: grpc.Channel, request: pb.ModelInferRequest, timeout: float = 60) -> grpc.RpcError:
+def refusal(channel: grpc.Channel, request: pb.ModelInferRequest, timeout: float | None = 60) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as error:
         pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=timeout)
     return error.value
@@ -152,6 +152,12 @@ def test_the_server_refuses_at_once_what_cannot_finish_before_the_deadline(echo_
             answered = time.monotonic() - started
             assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             assert error.details().startswith("1024 images need about") and answered < 0.5, error.details()
+            assert executions(channel, "slow") == 0
+            # the same from Triton's request parameter "timeout" (microseconds) without a gRPC deadline
+            request.parameters["timeout"].int64_param = 1_000_000
+            error = refusal(channel, request, timeout=None)
+            assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert error.details().startswith("1024 images need about"), error.details()
             assert executions(channel, "slow") == 0
     finally:
         server.stop()
