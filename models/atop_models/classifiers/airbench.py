@@ -101,13 +101,14 @@ class AirbenchNet(nn.Module):
         return self.head(features) * self.head_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.forward_head(self.forward_features(x))
         if not self.flip_average or self.training:
-            return logits
+            return self.forward_head(self.forward_features(x))
         # airbench's test-time augmentation (level 1): the logits of the image and its mirror, averaged. Part
-        # of the model, so the exported graph, the server and every attack see the same function. Two passes,
-        # not one doubled batch: splitting a concatenated batch pins the batch size in the dynamo ONNX export.
-        return (logits + self.forward_head(self.forward_features(x.flip(-1)))) / 2
+        # of the model, so the exported graph, the server and every attack see the same function. One pass
+        # over the doubled batch (half the per-node overhead of two passes: +9% at batch 1 in onnxruntime),
+        # split by a reshape: slicing the batch in two would pin its size in the dynamo ONNX export.
+        both = self.forward_head(self.forward_features(torch.cat([x, x.flip(-1)])))
+        return both.reshape(2, -1, both.shape[-1]).mean(0)
 
 
 @CLASSIFIERS.register("airbench")
