@@ -116,7 +116,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                     color=line[0].get_color(),
                 )
     axis.set_xlabel("clean accuracy (one RT draw)")
-    axis.set_ylabel(f"robust accuracy ({rows[0]['attack'] if rows else ATTACK}, l_inf 8/255)")
+    attacks = sorted({r["attack"] for r in rows}) or [ATTACK]  # e.g. EOT 4 for the pipeline, 1 for a bare model
+    axis.set_ylabel(f"robust accuracy ({' / '.join(attacks)}, l_inf 8/255)", fontsize=8)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, loc="best")
     figure.tight_layout()
