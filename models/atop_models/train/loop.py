@@ -82,7 +82,7 @@ def fit(
     for epoch in range(start_epoch, epochs):
         loader.set_epoch(epoch)
         _reseed(seed, runtime, epoch, start_batch)
-        started = time.monotonic()
+        started = time.monotonic() - seconds_before  # a resumed epoch keeps the seconds it ran before
         bar = tqdm(
             total=len(loader),
             initial=start_batch,
@@ -97,10 +97,10 @@ def fit(
             bar.update()
             bar.set_postfix({k: f"{v / (batch + 1):.4f}" for k, v in list(sums.items())[:3]})
             if time.monotonic() - last_save > checkpoint_minutes * 60:
-                save(epoch, batch + 1, sums, seconds_before + time.monotonic() - started)
+                save(epoch, batch + 1, sums, time.monotonic() - started)
                 last_save = time.monotonic()
         bar.close()
-        seconds = seconds_before + time.monotonic() - started
+        seconds = time.monotonic() - started
         images = len(loader) * loader.config.batch_size * runtime.world_size
         metrics = {
             "epoch": epoch + 1,
