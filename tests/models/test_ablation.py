@@ -36,8 +36,11 @@ def test_ablation_table_and_plot(tmp_path):
     }
     spec_path = tmp_path / "spec.json"
     write(spec_path, spec)
-    for row, point in zip(spec["rows"][1:], ("sigma 0.1", "sigma 0.2"), strict=True):
-        row |= {"series": "RT grid", "point": point}
+    main([str(spec_path)])
+    assert not (tmp_path / "series.png").exists()  # no row has an x
+    spec["series_axis"] = "noise sigma"
+    for row, x in zip(spec["rows"][1:], (0.1, 0.2), strict=True):
+        row |= {"series": "RT grid", "point": f"sigma {x}", "x": x}
     write(spec_path, spec)
     trained, given, grid = load_rows(spec_path)
     assert (trained["clean"], trained["robust"], trained["cpu_hours"]) == (0.7, 0.4, 2.25)  # pgd-eot, not fgsm
@@ -47,6 +50,7 @@ def test_ablation_table_and_plot(tmp_path):
     table = (tmp_path / "ablation.md").read_text()
     assert "| trained | 70.0% (69.0-71.0, n=10000) | 40.0% (34.0-46.0, n=256) | 2.25 |" in table
     assert (tmp_path / "ablation.png").stat().st_size > 10_000
+    assert (tmp_path / "series.png").stat().st_size > 10_000
 
     spec["rows"][0]["defense"] = "rt+pretrained"
     write(spec_path, spec)

@@ -6,9 +6,11 @@ training cost, from the files the trainer and the evaluators wrote.
 The spec lists rows: {"label", "clean": clean-accuracy JSON, "results": atop-eval results.json, "defense": the
 row of both to take, and either "metrics": the run's metrics.jsonl (training seconds summed, plus "base_cpu_hours"
 for the stages it started from) or "cpu_hours": the whole recipe's; optionally "series" and "point": rows of one
-series (e.g. an RT grid at one mask fraction) are joined by a line in the plot and each marked with its point}.
-Paths are relative to the spec's folder. Writes ablation.md and ablation.png (robust against clean accuracy,
-95% intervals) beside the spec.
+series (e.g. an RT grid at one mask fraction) are joined by a line in the plot and each marked with its point,
+and with a number "x" as well (e.g. the noise sigma) they get a second figure: clean and robust accuracy against
+x, one line per series, x named by the spec's "series_axis"}. Paths are relative to the spec's folder. Writes
+ablation.md and ablation.png (robust against clean accuracy, 95% intervals) beside the spec, and series.png when
+rows have an x.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def load_rows(spec_path: Path) -> list[dict[str, Any]]:
                 "cpu_hours": hours,
                 "series": entry.get("series"),
                 "point": entry.get("point"),
+                "x": entry.get("x"),
             }
         )
     return rows
@@ -125,6 +128,40 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
+def plot_series(rows: list[dict[str, Any]], x_label: str, path: Path) -> None:
+    """Clean and robust accuracy against each series' x: a grid read along one axis, which the scatter hides."""
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    series: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["series"] and r["x"] is not None:
+            series.setdefault(r["series"], []).append(r)
+    for name, members in series.items():
+        members = sorted(members, key=lambda r: r["x"])
+        for axis, key in zip(axes, ("clean", "robust"), strict=True):
+            axis.errorbar(
+                [r["x"] for r in members],
+                [r[key] for r in members],
+                yerr=[
+                    [r[key] - r[f"{key}_ci95"][0] for r in members],
+                    [r[f"{key}_ci95"][1] - r[key] for r in members],
+                ],
+                marker="o",
+                capsize=3,
+                elinewidth=0.6,
+                label=name,
+            )
+    for axis, title in zip(
+        axes, ("clean accuracy (one RT draw)", "robust accuracy (PGD-EOT, l_inf 8/255)"), strict=True
+    ):
+        axis.set_title(title, fontsize=9)
+        axis.set_xlabel(x_label)
+        axis.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m atop_models.evaluation.ablation",
@@ -136,6 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = load_rows(args.spec)
     write_table(rows, args.spec.with_name("ablation.md"))
     plot(rows, args.spec.with_name("ablation.png"))
+    if any(r["x"] is not None for r in rows):
+        x_label = json.loads(args.spec.read_text()).get("series_axis", "x")
+        plot_series(rows, x_label, args.spec.with_name("series.png"))
     print(args.spec.with_name("ablation.md").read_text(), end="")
 
 
