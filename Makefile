@@ -81,7 +81,7 @@ MODEL_REPOSITORY ?= model_repository
 ZOO ?= models/zoo
 
 # The default models' recipe (models/zoo/README.md has the card: data, figures, timings). Every stage resumes
-# from its run folder, so rerunning continues an interrupted recipe. Sized for 2 CPU cores (~4.5 h in all, over
+# from its run folder, so rerunning continues an interrupted recipe. Sized for 2 CPU cores (~6.3 h in all, over
 # several sittings); on a GPU raise the epochs (e.g. PRETRAIN_EPOCHS=20 FINETUNE_EPOCHS=5).
 # Pretraining runs in three stages: PRETRAIN_EPOCHS, then PRETRAIN_MORE_EPOCHS more with a restarted Adam and
 # a fresh discriminator (how the shipped purifier was continued; `finetune` with the classification term
@@ -97,10 +97,13 @@ PRETRAIN_EPOCHS ?= 3
 PRETRAIN_MORE_EPOCHS ?= 3
 FINETUNE_EPOCHS ?= 1
 FINETUNE_IMAGES ?= 0
-# The last stage trains the classifier behind RT + the AToP purifier (frozen) on what the pipeline shows it;
-# PIPELINE_ADV=n-fgsm (shipped) makes it adversarial training through the whole pipeline; none only adapts it.
-PIPELINE_EPOCHS ?= 4
+# The served classifier (v3) starts from one adversarially trained alone (N-FGSM, CLASSIFIER_EPOCHS), then
+# trains behind RT + the AToP purifier (frozen) on adversarial examples made through the whole pipeline, at
+# the served RT: no noise, 8 of the 64 blocks masked, only the holes pasted into the image (the RT grid in
+# docs/robustness.md: less masking helps; the AT start carries the robustness). PIPELINE_ADV=none only adapts.
+PIPELINE_EPOCHS ?= 2
 PIPELINE_ADV ?= n-fgsm
+PIPELINE_RT ?= --rt-noise-sigma 0 --rt-mask-fraction 0.125 --output composite
 # Every purifier stage after the first trains from given weights against the recipe's classifier.
 FINETUNE = atop-train finetune --data-source $(DATA) --classifier $(RUNS)/classifier/classifier
 # Continued pretraining for $(1) epochs: the classification term never switches on (warm-up = every epoch), so
@@ -117,8 +120,11 @@ train-default: install
 	$(RUN) $(FINETUNE) --out $(RUNS)/atop --epochs $(FINETUNE_EPOCHS) --data-train-images $(FINETUNE_IMAGES) \
 	    --ce-warmup-epochs 0 --ce-weight 0.5 --lr 1e-4 --attack-steps 3 --attack-step-size 0.0118 \
 	    --purifier $(RUNS)/pretrain-decay/purifier
+	$(RUN) atop-train classifier --out $(RUNS)/classifier-at --data-source $(DATA) --epochs $(CLASSIFIER_EPOCHS) \
+	    --arch-kwargs '{"flip_average": true}' --adv-kind n-fgsm
 	$(RUN) atop-train pipeline --out $(RUNS)/pipeline --data-source $(DATA) --epochs $(PIPELINE_EPOCHS) \
-	    --adv-kind $(PIPELINE_ADV) --classifier $(RUNS)/classifier/classifier --purifier $(RUNS)/atop/purifier
+	    --adv-kind $(PIPELINE_ADV) $(PIPELINE_RT) --classifier $(RUNS)/classifier-at/classifier \
+	    --purifier $(RUNS)/atop/purifier
 
 # Copy a finished recipe's checkpoints over the shipped ones (then `make export` to rebuild the repository).
 zoo:

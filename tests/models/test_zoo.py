@@ -23,16 +23,17 @@ CHECKPOINTS = Checkpoints(
 )
 SIZE_BUDGET_BYTES = 30 * 2**20  # shipped checkpoints + the shipped ONNX repository
 
-# The shipped classifier alone: 248 of the 300 images, exactly (no randomness; a changed weight shows).
-UNDEFENDED_CORRECT = 248
-# The two purifiers behind RT, on the 300 images with the RT draws of seed 0 (the same draws for both):
-# rt+atop 216 right, rt+pretrained 198; 24 images only rt+atop gets right, 6 only rt+pretrained. These are
-# expectations for seed 0's draws (with room for the last-bit differences of other CPUs), not floors for any
-# seed: on these 300 images the gap is within the RT noise elsewhere (one draw, seeds 1 and 2: 204 vs 199 and
-# 210 vs 212; four draws, seed 0: 214 vs 212). So they tell the shipped AToP purifier from the baseline one put
-# in its place (the baseline fails the AToP floor and the paired lead), and the baseline keeps a floor of its
-# own (a broken checkpoint); they do not show AToP better on these images in general.
-ATOP_FLOOR, PRETRAINED_FLOOR = 0.69, 0.64
+# The shipped classifier alone: 212 of the 300 images, exactly (no randomness; a changed weight shows).
+UNDEFENDED_CORRECT = 212
+# The two purifiers behind RT, on the 300 images with the RT draws of seed 0, each at the RT and output its
+# record carries: rt+atop is the served arrangement (no noise, 8 of 64 blocks masked, only the holes pasted
+# in), rt+pretrained the purifier before AToP at its own RT2 (noise 0.25, 16 blocks, whole output shown).
+# rt+atop 203 right, rt+pretrained 190; 22 images only rt+atop gets right, 9 only rt+pretrained (seeds 0-4:
+# 67.9% mean against 63.1%, docs/robustness/v3/clean-300-seeds.json). These are expectations for seed 0's
+# draws (with room for the last-bit differences of other CPUs), not floors for any seed. They tell the served
+# purifier from the pretrained one put in its place (which fails the served floor and the paired lead), and
+# the pretrained one keeps a floor of its own (a broken checkpoint).
+ATOP_FLOOR, PRETRAINED_FLOOR = 0.66, 0.60
 ATOP_PAIRED_LEAD = 10  # images only rt+atop gets right, minus images only rt+pretrained gets right
 
 
