@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             capsize=3,
             linestyle="-" if len(members) > 1 else "none",
             elinewidth=0.6,
-            label=name,
+            label=textwrap.fill(name, 110),
         )
         for r in members:
             if r["point"]:
@@ -122,9 +123,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     attacks = sorted({r["attack"] for r in rows}) or [ATTACK]  # e.g. EOT 4 for the pipeline, 1 for a bare model
     axis.set_ylabel(f"robust accuracy ({' / '.join(attacks)}, l_inf 8/255)", fontsize=8)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, loc="best")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    # below the axes: the row labels are long, and inside they hide points
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.1))
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
 
 
