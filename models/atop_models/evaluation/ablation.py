@@ -85,6 +85,14 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def _error_bars(members: list[dict[str, Any]], key: str) -> list[list[float]]:
+    """matplotlib's [below, above] distances from each point to its 95% interval's ends."""
+    return [
+        [r[key] - r[f"{key}_ci95"][0] for r in members],
+        [r[f"{key}_ci95"][1] - r[key] for r in members],
+    ]
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(8, 6))
     series: dict[str, list[dict[str, Any]]] = {}
@@ -95,14 +103,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         line = axis.errorbar(
             [r["clean"] for r in members],
             [r["robust"] for r in members],
-            xerr=[
-                [r["clean"] - r["clean_ci95"][0] for r in members],
-                [r["clean_ci95"][1] - r["clean"] for r in members],
-            ],
-            yerr=[
-                [r["robust"] - r["robust_ci95"][0] for r in members],
-                [r["robust_ci95"][1] - r["robust"] for r in members],
-            ],
+            xerr=_error_bars(members, "clean"),
+            yerr=_error_bars(members, "robust"),
             marker="o",
             capsize=3,
             linestyle="-" if len(members) > 1 else "none",
@@ -142,10 +144,7 @@ def plot_series(rows: list[dict[str, Any]], x_label: str, path: Path) -> None:
             axis.errorbar(
                 [r["x"] for r in members],
                 [r[key] for r in members],
-                yerr=[
-                    [r[key] - r[f"{key}_ci95"][0] for r in members],
-                    [r[f"{key}_ci95"][1] - r[key] for r in members],
-                ],
+                yerr=_error_bars(members, key),
                 marker="o",
                 capsize=3,
                 elinewidth=0.6,

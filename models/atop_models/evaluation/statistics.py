@@ -64,6 +64,11 @@ def mcnemar_one_sided(more: int, fewer: int) -> float:
     return sum(math.comb(n, k) for k in range(more, n + 1)) / 2**n
 
 
+def survivors(rows: list[dict]) -> list[bool]:
+    """Per image: robust under every one of `rows` (attacks on the same images, each with its robust_mask)."""
+    return [all(r["robust_mask"][i] == "1" for r in rows) for i in range(len(rows[0]["robust_mask"]))]
+
+
 def worst_case(rows: list[dict]) -> list[dict[str, Any]]:
     """Per (defense, norm, epsilon) hit by two or more adaptive attacks: the images that survive every one.
     AutoAttack's rule: robust accuracy is a per-image minimum over attacks, not the best single attack's figure
@@ -77,7 +82,7 @@ def worst_case(rows: list[dict]) -> list[dict[str, Any]]:
         if len(members) < 2:
             continue
         n = members[0]["n"]
-        survived = sum(all(m["robust_mask"][i] == "1" for m in members) for i in range(n))
+        survived = sum(survivors(members))
         worst.append(
             {
                 "defense": defense,

@@ -1,0 +1,75 @@
+"""Two defenses, per image, on the images both were attacked on: how many only one side keeps, and the exact
+one-sided McNemar p of the larger count (the paired comparisons docs/robustness.md quotes).
+
+  python -m atop_models.evaluation.compare A/results.json B/results.json --defense-b undefended --attack-b pgd-eot
+
+Each side's mask is the worst case per image over its adaptive l_inf rows of that defense (or only those of
+--attack-a / --attack-b; one row: that row's mask). atop-eval draws its images class-balanced round-robin, so
+a smaller run's images are the first of a larger one's: when the counts differ, the larger side is cut to the
+smaller's images, which needs the labels of the data set both ran on (--data-source).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from atop_models.data import DEFAULT_SOURCE, SOURCE_HELP, balanced_indices, load_split
+from atop_models.evaluation.statistics import mcnemar_one_sided, survivors
+
+
+def worst_mask(results: Path, defense: str, attack: str = "") -> list[bool]:
+    """Per image: survived every adaptive l_inf attack (or every run of `attack`) of `defense` in a results file."""
+    rows = [
+        r
+        for r in json.loads(results.read_text())["rows"]
+        if r["defense"] == defense and r["norm"] == "linf" and r["adaptive"] and r.get("robust_mask")
+        if not attack or r["attack_name"] == attack
+    ]
+    if not rows:
+        raise SystemExit(
+            f"{results} has no adaptive l_inf {attack or 'attack'} row with per-image results for {defense!r}"
+        )
+    return survivors(rows)
+
+
+def paired(a: list[bool], b: list[bool]) -> dict[str, float]:
+    only_a = sum(x and not y for x, y in zip(a, b, strict=True))
+    only_b = sum(y and not x for x, y in zip(a, b, strict=True))
+    return {
+        "images": len(a),
+        "robust_a": sum(a),
+        "robust_b": sum(b),
+        "only_a": only_a,
+        "only_b": only_b,
+        "p_one_sided": mcnemar_one_sided(max(only_a, only_b), min(only_a, only_b)),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m atop_models.evaluation.compare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("a", type=Path, help="atop-eval results.json")
+    parser.add_argument("b", type=Path, help="atop-eval results.json")
+    parser.add_argument("--defense-a", default="rt+atop")
+    parser.add_argument("--defense-b", default="rt+atop")
+    parser.add_argument("--attack-a", default="", help="only this attack's rows (e.g. pgd-eot); default: all")
+    parser.add_argument("--attack-b", default="", help="as --attack-a, for b")
+    parser.add_argument("--data-source", default=DEFAULT_SOURCE, help=SOURCE_HELP + " (default: %(default)s)")
+    parser.add_argument("--data-cache-dir", default=".data")
+    args = parser.parse_args(argv)
+    a, b = worst_mask(args.a, args.defense_a, args.attack_a), worst_mask(args.b, args.defense_b, args.attack_b)
+    if len(a) != len(b):
+        larger = max(len(a), len(b))
+        data = load_split(args.data_source, "test", 32, args.data_cache_dir, count=larger)
+        keep = balanced_indices(data.labels, len(data.classes), min(len(a), len(b))).tolist()
+        a, b = ([mask[i] for i in keep] if len(mask) == larger else mask for mask in (a, b))
+    print(json.dumps(paired(a, b)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The paired per-image comparison of two results files: worst case per side, counts, exact p, and a larger run
+cut to the images of a smaller one."""
+
+import json
+
+import pytest
+
+from atop_models.data import load_split
+from atop_models.evaluation.compare import main
+
+
+def results(path, *rows):
+    path.write_text(json.dumps({"rows": [{"norm": "linf", "adaptive": True, **row} for row in rows]}))
+    return str(path)
+
+
+def compare(capsys, *argv):
+    main([*argv])
+    return json.loads(capsys.readouterr().out)
+
+
+def test_worst_case_per_side_and_the_exact_p(tmp_path, capsys):
+    a = results(
+        tmp_path / "a.json",
+        {"defense": "rt+atop", "attack_name": "pgd-eot", "robust_mask": "11110000"},
+        {"defense": "rt+atop", "attack_name": "autoattack-rand", "robust_mask": "11011000"},
+        {"defense": "undefended", "attack_name": "pgd-eot", "robust_mask": "00000000"},
+    )
+    b = results(tmp_path / "b.json", {"defense": "rt+atop", "attack_name": "pgd-eot", "robust_mask": "00000001"})
+    worst = compare(capsys, a, b)  # a: images 0, 1, 3 survive both attacks
+    assert worst == {"images": 8, "robust_a": 3, "robust_b": 1, "only_a": 3, "only_b": 1, "p_one_sided": 5 / 16}
+    assert compare(capsys, a, b, "--attack-a", "pgd-eot")["only_a"] == 4
+    with pytest.raises(SystemExit, match="no adaptive l_inf fgsm row"):
+        main([a, b, "--attack-a", "fgsm"])
+
+
+def test_a_larger_run_is_cut_to_the_smaller_runs_images(tmp_path, capsys, cifar_test_folder):
+    labels = load_split(cifar_test_folder, "test", 32, tmp_path / "cache", count=20).labels.tolist()
+    first_of_class = [i for i, label in enumerate(labels) if label not in labels[:i]]  # the 10-image run's images
+    assert len(first_of_class) == 10
+    big = "".join("1" if i in first_of_class else "0" for i in range(20))
+    a = results(tmp_path / "a.json", {"defense": "rt+atop", "attack_name": "pgd-eot", "robust_mask": big})
+    b = results(tmp_path / "b.json", {"defense": "rt+atop", "attack_name": "pgd-eot", "robust_mask": "1" * 9 + "0"})
+    cut = compare(capsys, a, b, "--data-source", str(cifar_test_folder), "--data-cache-dir", str(tmp_path / "cache"))
+    assert cut == {"images": 10, "robust_a": 10, "robust_b": 9, "only_a": 1, "only_b": 0, "p_one_sided": 0.5}
