@@ -23,17 +23,17 @@ CHECKPOINTS = Checkpoints(
 )
 SIZE_BUDGET_BYTES = 30 * 2**20  # shipped checkpoints + the shipped ONNX repository
 
-# The shipped classifier alone: 212 of the 300 images, exactly (no randomness; a changed weight shows).
-UNDEFENDED_CORRECT = 212
+# The shipped classifier alone: 218 of the 300 images, exactly (no randomness; a changed weight shows).
+UNDEFENDED_CORRECT = 218
 # The two purifiers behind RT, on the 300 images with the RT draws of seed 0, each at the RT and output its
 # record carries: rt+atop is the served arrangement (no noise, 8 of 64 blocks masked, only the holes pasted
 # in), rt+pretrained the purifier before AToP at its own RT2 (noise 0.25, 16 blocks, whole output shown).
-# rt+atop 203 right, rt+pretrained 190; 22 images only rt+atop gets right, 9 only rt+pretrained (seeds 0-4:
-# 67.9% mean against 63.1%, docs/robustness/v3/clean-300-seeds.json). These are expectations for seed 0's
+# rt+atop 208 right, rt+pretrained 191; 27 images only rt+atop gets right, 10 only rt+pretrained (seeds 0-4:
+# 70.8% mean against 63.3%, docs/robustness/v4/clean-300-seeds.json). These are expectations for seed 0's
 # draws (with room for the last-bit differences of other CPUs), not floors for any seed. They tell the served
 # purifier from the pretrained one put in its place (which fails the served floor and the paired lead), and
 # the pretrained one keeps a floor of its own (a broken checkpoint).
-ATOP_FLOOR, PRETRAINED_FLOOR = 0.66, 0.60
+ATOP_FLOOR, PRETRAINED_FLOOR = 0.68, 0.60
 ATOP_PAIRED_LEAD = 10  # images only rt+atop gets right, minus images only rt+pretrained gets right
 
 
