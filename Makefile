@@ -81,7 +81,7 @@ MODEL_REPOSITORY ?= model_repository
 ZOO ?= models/zoo
 
 # The default models' recipe (models/zoo/README.md has the card: data, figures, timings). Every stage resumes
-# from its run folder, so rerunning continues an interrupted recipe. Sized for 2 CPU cores (~6.6 h in all, over
+# from its run folder, so rerunning continues an interrupted recipe. Sized for 2 CPU cores (~7.9 h in all, over
 # several sittings); on a GPU raise the epochs (e.g. PRETRAIN_EPOCHS=20 FINETUNE_EPOCHS=5).
 # Pretraining runs in three stages: PRETRAIN_EPOCHS, then PRETRAIN_MORE_EPOCHS more with a restarted Adam and
 # a fresh discriminator (how the shipped purifier was continued; `finetune` with the classification term
@@ -102,8 +102,8 @@ FINETUNE_IMAGES ?= 0
 # the served RT: no noise, 8 of the 64 blocks masked, only the holes pasted into the image (the RT grid in
 # docs/robustness.md: less masking helps; the AT start carries the robustness). The attack is PGD, 2 steps,
 # each gradient averaged over 2 RT draws: against v3's N-FGSM (one step, one draw) +1.7 clean points at the
-# same robustness, for 3x the stage's time (1.4 h of 2 cores against 0.47). PIPELINE_ADV='--adv-kind n-fgsm'
-# is v3; '--adv-kind none' only adapts the classifier.
+# same robustness, for ~3.5x the stage's time (2.6 h at one thread; N-FGSM ~23 min an epoch at one thread).
+# PIPELINE_ADV='--adv-kind n-fgsm' is v3; '--adv-kind none' only adapts the classifier.
 PIPELINE_EPOCHS ?= 2
 PIPELINE_ADV ?= --adv-kind pgd --adv-steps 2 --adv-eot 2
 PIPELINE_RT ?= --rt-noise-sigma 0 --rt-mask-fraction 0.125 --output composite
