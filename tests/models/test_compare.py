@@ -9,8 +9,11 @@ from atop_models.data import load_split
 from atop_models.evaluation.compare import main
 
 
-def results(path, *rows):
-    path.write_text(json.dumps({"rows": [{"norm": "linf", "adaptive": True, **row} for row in rows]}))
+def results(path, *rows, data=None):
+    payload = {"rows": [{"norm": "linf", "adaptive": True, **row} for row in rows]}
+    if data is not None:
+        payload["data"] = data
+    path.write_text(json.dumps(payload))
     return str(path)
 
 
@@ -43,3 +46,30 @@ def test_a_larger_run_is_cut_to_the_smaller_runs_images(tmp_path, capsys, cifar_
     b = results(tmp_path / "b.json", {"defense": "rt+atop", "attack_name": "pgd-eot", "robust_mask": "1" * 9 + "0"})
     cut = compare(capsys, a, b, "--data-source", str(cifar_test_folder), "--data-cache-dir", str(tmp_path / "cache"))
     assert cut == {"images": 10, "robust_a": 10, "robust_b": 9, "only_a": 1, "only_b": 0, "p_one_sided": 0.5}
+
+
+def test_without_data_source_the_cut_uses_the_data_set_both_runs_record(tmp_path, capsys, cifar_test_folder):
+    labels = load_split(cifar_test_folder, "test", 32, tmp_path / "cache", count=20).labels.tolist()
+    first_of_class = [i for i, label in enumerate(labels) if label not in labels[:i]]
+    big = "".join("1" if i in first_of_class else "0" for i in range(20))
+    row, data = {"defense": "rt+atop", "attack_name": "pgd-eot"}, str(cifar_test_folder)
+    a = results(tmp_path / "a.json", {**row, "robust_mask": big}, data=data)
+    b = results(tmp_path / "b.json", {**row, "robust_mask": "0" * 10}, data=data)
+    cut = compare(capsys, a, b, "--data-cache-dir", str(tmp_path / "cache"))
+    assert cut["images"] == 10 and cut["robust_a"] == 10 and cut["only_a"] == 10
+
+
+def test_a_cut_without_a_known_common_data_set_is_refused(tmp_path, cifar_test_folder):
+    row = {"defense": "rt+atop", "attack_name": "pgd-eot"}
+    big = results(tmp_path / "big.json", {**row, "robust_mask": "1" * 20}, data=str(cifar_test_folder))
+    other = results(tmp_path / "other.json", {**row, "robust_mask": "1" * 10}, data="cifar100")
+    with pytest.raises(SystemExit, match="record different data sets"):
+        main([big, other])
+    unrecorded = results(tmp_path / "unrecorded.json", {**row, "robust_mask": "1" * 10})
+    with pytest.raises(SystemExit, match="does not record its data set"):
+        main([big, unrecorded])
+    gone = str(tmp_path / "elsewhere" / "cifar10-jpg.tar.gz")
+    far = results(tmp_path / "far.json", {**row, "robust_mask": "1" * 20}, data=gone)
+    near = results(tmp_path / "near.json", {**row, "robust_mask": "1" * 10}, data=gone)
+    with pytest.raises(SystemExit, match="not on this machine"):
+        main([far, near])

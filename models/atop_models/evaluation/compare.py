@@ -6,7 +6,8 @@ one-sided McNemar p of the larger count (the paired comparisons docs/robustness.
 Each side's mask is the worst case per image over its adaptive l_inf rows of that defense (or only those of
 --attack-a / --attack-b; one row: that row's mask). atop-eval draws its images class-balanced round-robin, so
 a smaller run's images are the first of a larger one's: when the counts differ, the larger side is cut to the
-smaller's images, which needs the labels of the data set both ran on (--data-source).
+smaller's images, which needs the labels of the data set both ran on: --data-source, or else the one both
+results files record (another data set's labels would pick other images, silently).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from atop_models.data import DEFAULT_SOURCE, SOURCE_HELP, balanced_indices, load_split
+from atop_models.data import DOWNLOADABLE, SOURCE_HELP, balanced_indices, load_split
 from atop_models.evaluation.statistics import mcnemar_one_sided, survivors
 
 
@@ -32,6 +33,23 @@ def worst_mask(results: Path, defense: str, attack: str = "") -> list[bool]:
             f"{results} has no adaptive l_inf {attack or 'attack'} row with per-image results for {defense!r}"
         )
     return survivors(rows)
+
+
+def recorded_source(*results: Path) -> str:
+    """The data set both results files record having run on: the labels that cut the larger run to the smaller's
+    images."""
+    recorded = {json.loads(path.read_text()).get("data") for path in results}
+    if None in recorded:
+        raise SystemExit("a results file does not record its data set: pass --data-source (the one both runs used)")
+    if len(recorded) > 1:
+        raise SystemExit(
+            f"the runs record different data sets {sorted(recorded)}: their images are not the same ones unless these"
+            " name one data set in two places; then pass it as --data-source"
+        )
+    source = recorded.pop()
+    if source not in DOWNLOADABLE and not Path(source).exists():
+        raise SystemExit(f"the runs' data set {source} is not on this machine: pass --data-source (a copy of it)")
+    return source
 
 
 def paired(a: list[bool], b: list[bool]) -> dict[str, float]:
@@ -59,13 +77,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--defense-b", default="rt+atop")
     parser.add_argument("--attack-a", default="", help="only this attack's rows (e.g. pgd-eot); default: all")
     parser.add_argument("--attack-b", default="", help="as --attack-a, for b")
-    parser.add_argument("--data-source", default=DEFAULT_SOURCE, help=SOURCE_HELP + " (default: %(default)s)")
+    parser.add_argument("--data-source", default="", help=SOURCE_HELP + " (default: the one both results files record)")
     parser.add_argument("--data-cache-dir", default=".data")
     args = parser.parse_args(argv)
     a, b = worst_mask(args.a, args.defense_a, args.attack_a), worst_mask(args.b, args.defense_b, args.attack_b)
     if len(a) != len(b):
         larger = max(len(a), len(b))
-        data = load_split(args.data_source, "test", 32, args.data_cache_dir, count=larger)
+        source = args.data_source or recorded_source(args.a, args.b)
+        data = load_split(source, "test", 32, args.data_cache_dir, count=larger)
         keep = balanced_indices(data.labels, len(data.classes), min(len(a), len(b))).tolist()
         a, b = ([mask[i] for i in keep] if len(mask) == larger else mask for mask in (a, b))
     print(json.dumps(paired(a, b)))
