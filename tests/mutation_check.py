@@ -45,7 +45,12 @@ BREAKAGES = [
     Breakage(
         "compare cuts a larger run by a default data set instead of the one both runs record",
         "models/atop_models/evaluation/compare.py",
-        (("source = args.data_source or recorded_source(args.a, args.b)", 'source = args.data_source or "cifar10"'),),
+        (
+            (
+                "source = args.data_source or recorded_source(results_a, results_b)",
+                'source = args.data_source or "cifar10"',
+            ),
+        ),
         "tests/models/test_compare.py::test_without_data_source_the_cut_uses_the_data_set_both_runs_record",
     ),
     Breakage(

@@ -17,6 +17,14 @@ def results(path, *rows, data=None):
     return str(path)
 
 
+def first_of_class_mask(folder, cache) -> str:
+    """A 20-image run's mask in which exactly the 10-image run's images (the first of each class) survive."""
+    labels = load_split(folder, "test", 32, cache, count=20).labels.tolist()
+    first_of_class = [i for i, label in enumerate(labels) if label not in labels[:i]]
+    assert len(first_of_class) == 10
+    return "".join("1" if i in first_of_class else "0" for i in range(20))
+
+
 def compare(capsys, *argv):
     main([*argv])
     return json.loads(capsys.readouterr().out)
@@ -38,10 +46,7 @@ def test_worst_case_per_side_and_the_exact_p(tmp_path, capsys):
 
 
 def test_a_larger_run_is_cut_to_the_smaller_runs_images(tmp_path, capsys, cifar_test_folder):
-    labels = load_split(cifar_test_folder, "test", 32, tmp_path / "cache", count=20).labels.tolist()
-    first_of_class = [i for i, label in enumerate(labels) if label not in labels[:i]]  # the 10-image run's images
-    assert len(first_of_class) == 10
-    big = "".join("1" if i in first_of_class else "0" for i in range(20))
+    big = first_of_class_mask(cifar_test_folder, tmp_path / "cache")
     a = results(tmp_path / "a.json", {"defense": "rt+atop", "attack_name": "pgd-eot", "robust_mask": big})
     b = results(tmp_path / "b.json", {"defense": "rt+atop", "attack_name": "pgd-eot", "robust_mask": "1" * 9 + "0"})
     cut = compare(capsys, a, b, "--data-source", str(cifar_test_folder), "--data-cache-dir", str(tmp_path / "cache"))
@@ -49,9 +54,7 @@ def test_a_larger_run_is_cut_to_the_smaller_runs_images(tmp_path, capsys, cifar_
 
 
 def test_without_data_source_the_cut_uses_the_data_set_both_runs_record(tmp_path, capsys, cifar_test_folder):
-    labels = load_split(cifar_test_folder, "test", 32, tmp_path / "cache", count=20).labels.tolist()
-    first_of_class = [i for i, label in enumerate(labels) if label not in labels[:i]]
-    big = "".join("1" if i in first_of_class else "0" for i in range(20))
+    big = first_of_class_mask(cifar_test_folder, tmp_path / "cache")
     row, data = {"defense": "rt+atop", "attack_name": "pgd-eot"}, str(cifar_test_folder)
     a = results(tmp_path / "a.json", {**row, "robust_mask": big}, data=data)
     b = results(tmp_path / "b.json", {**row, "robust_mask": "0" * 10}, data=data)

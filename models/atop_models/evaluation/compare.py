@@ -20,25 +20,26 @@ from atop_models.data import DOWNLOADABLE, SOURCE_HELP, balanced_indices, load_s
 from atop_models.evaluation.statistics import mcnemar_one_sided, survivors
 
 
-def worst_mask(results: Path, defense: str, attack: str = "") -> list[bool]:
-    """Per image: survived every adaptive l_inf attack (or every run of `attack`) of `defense` in a results file."""
+def worst_mask(results: dict, defense: str, attack: str = "", name: str = "results") -> list[bool]:
+    """Per image: survived every adaptive l_inf attack (or every run of `attack`) of `defense` in a parsed results
+    file (`name`: where it came from, for the error)."""
     rows = [
         r
-        for r in json.loads(results.read_text())["rows"]
+        for r in results["rows"]
         if r["defense"] == defense and r["norm"] == "linf" and r["adaptive"] and r.get("robust_mask")
         if not attack or r["attack_name"] == attack
     ]
     if not rows:
         raise SystemExit(
-            f"{results} has no adaptive l_inf {attack or 'attack'} row with per-image results for {defense!r}"
+            f"{name} has no adaptive l_inf {attack or 'attack'} row with per-image results for {defense!r}"
         )
     return survivors(rows)
 
 
-def recorded_source(*results: Path) -> str:
-    """The data set both results files record having run on: the labels that cut the larger run to the smaller's
-    images."""
-    recorded = {json.loads(path.read_text()).get("data") for path in results}
+def recorded_source(*results: dict) -> str:
+    """The data set both parsed results files record having run on: the labels that cut the larger run to the
+    smaller's images."""
+    recorded = {r.get("data") for r in results}
     if None in recorded:
         raise SystemExit("a results file does not record its data set: pass --data-source (the one both runs used)")
     if len(recorded) > 1:
@@ -80,10 +81,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-source", default="", help=SOURCE_HELP + " (default: the one both results files record)")
     parser.add_argument("--data-cache-dir", default=".data")
     args = parser.parse_args(argv)
-    a, b = worst_mask(args.a, args.defense_a, args.attack_a), worst_mask(args.b, args.defense_b, args.attack_b)
+    results_a, results_b = json.loads(args.a.read_text()), json.loads(args.b.read_text())
+    a = worst_mask(results_a, args.defense_a, args.attack_a, str(args.a))
+    b = worst_mask(results_b, args.defense_b, args.attack_b, str(args.b))
     if len(a) != len(b):
         larger = max(len(a), len(b))
-        source = args.data_source or recorded_source(args.a, args.b)
+        source = args.data_source or recorded_source(results_a, results_b)
         data = load_split(source, "test", 32, args.data_cache_dir, count=larger)
         keep = balanced_indices(data.labels, len(data.classes), min(len(a), len(b))).tolist()
         a, b = ([mask[i] for i in keep] if len(mask) == larger else mask for mask in (a, b))
