@@ -81,7 +81,7 @@ MODEL_REPOSITORY ?= model_repository
 ZOO ?= models/zoo
 
 # The default models' recipe (models/zoo/README.md has the card: data, figures, timings). Every stage resumes
-# from its run folder, so rerunning continues an interrupted recipe. Sized for 2 CPU cores (~7.9 h in all, over
+# from its run folder, so rerunning continues an interrupted recipe. Sized for 2 CPU cores (~9.3 h in all, over
 # several sittings); on a GPU raise the epochs (e.g. PRETRAIN_EPOCHS=20 FINETUNE_EPOCHS=5).
 # Pretraining runs in three stages: PRETRAIN_EPOCHS, then PRETRAIN_MORE_EPOCHS more with a restarted Adam and
 # a fresh discriminator (how the shipped purifier was continued; `finetune` with the classification term
@@ -97,7 +97,7 @@ PRETRAIN_EPOCHS ?= 3
 PRETRAIN_MORE_EPOCHS ?= 3
 FINETUNE_EPOCHS ?= 1
 FINETUNE_IMAGES ?= 0
-# The served classifier (v4) starts from one adversarially trained alone (N-FGSM, CLASSIFIER_EPOCHS), then
+# The served classifier (v4, v5) starts from one adversarially trained alone (N-FGSM, CLASSIFIER_EPOCHS), then
 # trains behind RT + the AToP purifier (frozen) on adversarial examples made through the whole pipeline, at
 # the served RT: no noise, 8 of the 64 blocks masked, only the holes pasted into the image (the RT grid in
 # docs/robustness.md: less masking helps; the AT start carries the robustness). The attack is PGD, 2 steps,
