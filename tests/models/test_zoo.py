@@ -28,13 +28,13 @@ UNDEFENDED_CORRECT = 218
 # The two purifiers behind RT, on the 300 images with the RT draws of seed 0, each at the RT and output its
 # record carries: rt+atop is the served arrangement (no noise, 8 of 64 blocks masked, only the holes pasted
 # in), rt+pretrained the purifier before AToP at its own RT2 (noise 0.25, 16 blocks, whole output shown).
-# rt+atop 208 right, rt+pretrained 191; 27 images only rt+atop gets right, 10 only rt+pretrained (seeds 0-4:
-# 70.8% mean against 63.3%, docs/robustness/v4/clean-300-seeds.json). These are expectations for seed 0's
+# rt+atop 213 right, rt+pretrained 191; 31 images only rt+atop gets right, 9 only rt+pretrained (seeds 0-4:
+# 71.5% mean against 63.3%, docs/robustness/v5/clean-300-seeds.json). These are expectations for seed 0's
 # draws (with room for the last-bit differences of other CPUs), not floors for any seed. They tell the served
 # purifier from the pretrained one put in its place (which fails the served floor and the paired lead), and
 # the pretrained one keeps a floor of its own (a broken checkpoint).
-ATOP_FLOOR, PRETRAINED_FLOOR = 0.68, 0.60
-ATOP_PAIRED_LEAD = 10  # images only rt+atop gets right, minus images only rt+pretrained gets right
+ATOP_FLOOR, PRETRAINED_FLOOR = 0.69, 0.60
+ATOP_PAIRED_LEAD = 15  # images only rt+atop gets right, minus images only rt+pretrained gets right
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +62,13 @@ def test_shipped_checkpoints_share_one_lineage():
     classifier = read_config(CHECKPOINTS.classifier)
     atop = read_config(CHECKPOINTS.atop)
     pretrained = read_config(CHECKPOINTS.pretrained)
-    # The served classifier and purifier come out of one `atop-train pipeline` run, from one starting pair.
-    assert classifier["recipe"] == atop["recipe"] and classifier["recipe"]["command"] == "pipeline"
-    assert classifier["lineage"] == atop["lineage"]
+    # The served classifier trained behind a frozen purifier (`atop-train pipeline`); the served purifier then
+    # took its last AToP epoch from that same purifier against that very classifier (one round of alternation).
+    assert classifier["recipe"]["command"] == "pipeline"
+    assert atop["lineage"]["classifier"]["sha256"] == classifier["weights_sha256"]
+    assert atop["lineage"]["pretrained_purifier"]["sha256"] == classifier["lineage"]["purifier"]["sha256"]
+    # Both are trained for the RT the purifier's record carries (the one the exported graph applies).
+    assert atop["rt"] == atop["recipe"]["rt"] == classifier["recipe"]["rt"]
     # Every stage the served purifier descends from is recorded, down to the first pretraining; the baseline
     # purifier (before AToP) is one of them.
     assert pretrained["weights_sha256"] in _hashes(atop["lineage"])
