@@ -20,7 +20,7 @@ from atop_models.data import BatchLoader, ImageArrays, LoaderConfig
 from atop_models.evaluation.statistics import accuracy
 from atop_models.runtime import Runtime
 from atop_models.train.adversarial import AdversarialConfig
-from atop_models.train.common import DataConfig
+from atop_models.train.common import DataConfig, pgd_check
 from atop_models.train.options import help_field
 
 
@@ -64,6 +64,12 @@ class ClassifierConfig:
         "alternate", "mirror a fresh coin per view, or each image alternately by epoch (airbench: alternate)"
     )
     adv: AdversarialConfig = dataclasses.field(default_factory=AdversarialConfig)
+    eval_robust_images: int = help_field(
+        0,
+        "test images attacked with PGD (at the adversarial training's epsilon) after each epoch; 0: none. "
+        "Long adversarial runs can lose robustness late while clean accuracy still rises (robust overfitting)",
+    )
+    eval_attack_steps: int = help_field(10, "steps of that check's PGD (step 2.5 epsilon / steps)")
     seed: int = help_field(0, "seeds data order, init and augmentation")
 
 
@@ -183,8 +189,21 @@ class ClassifierTask:
     def end_epoch(self, epoch: int) -> dict[str, Any]:
         if not self.runtime.is_main:
             return {}
+        config, device = self.config, self.runtime.device
         self.model.eval()
-        test_accuracy = accuracy(self.model, self.test, self.runtime.device, self.config.image_size)
+        test_accuracy = accuracy(self.model, self.test, device, config.image_size)
+        metrics: dict[str, Any] = {"test_accuracy": test_accuracy, "eval_images": len(self.test)}
+        if config.eval_robust_images:
+            metrics |= pgd_check(
+                self.model,
+                self.test,
+                device,
+                config.image_size,
+                images=config.eval_robust_images,
+                epsilon=config.adv.epsilon,
+                steps=config.eval_attack_steps,
+                eot=1,  # the classifier alone is deterministic
+            )
         save_model(
             self.out / "classifier",
             self.model,
@@ -194,13 +213,9 @@ class ClassifierTask:
             classes=self.classes,
             image_size=self.config.image_size,
             recipe={"command": "classifier", **dataclasses.asdict(self.config)},
-            metrics={"epoch": epoch + 1, "test_accuracy": test_accuracy, "eval_images": len(self.test)},
+            metrics={"epoch": epoch + 1, **metrics},
         )
-        return {
-            "test_accuracy": test_accuracy,
-            "eval_images": len(self.test),
-            "lr": self.scheduler.get_last_lr()[-1],
-        }
+        return metrics | {"lr": self.scheduler.get_last_lr()[-1]}
 
     def state_dict(self) -> dict[str, Any]:
         return {

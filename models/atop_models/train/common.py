@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import torch
+from torch import nn
+
+from atop_models.attacks import PGD, EOTGradient
 from atop_models.data import DEFAULT_SOURCE, SOURCE_HELP, ImageArrays, load_split
+from atop_models.evaluation.statistics import robust_accuracy
 from atop_models.train.options import help_field
 
 
@@ -20,3 +26,25 @@ class DataConfig:
         train = load_split(self.source, "train", self.size, self.cache_dir, count=self.train_images)
         test = load_split(self.source, "test", self.size, self.cache_dir, count=self.eval_images)
         return train, test
+
+
+def pgd_check(
+    model: nn.Module,
+    test: ImageArrays,
+    device: torch.device,
+    image_size: int,
+    *,
+    images: int,
+    epsilon: float,
+    steps: int,
+    eot: int,
+) -> dict[str, Any]:
+    """The per-epoch robustness check: PGD-`steps` (l_inf `epsilon`, step 2.5 epsilon / steps, each gradient
+    averaged over `eot` draws of a randomized model) on `images` class-balanced test images. A weak attack on
+    few images: a trend to watch during training, not a published figure."""
+    subset = test.subset(images)
+    attack = PGD(EOTGradient(model, eot), epsilon, 2.5 * epsilon / steps, steps)
+    return {
+        f"robust_accuracy_pgd{steps}_eot{eot}": robust_accuracy(model, attack, subset, device, image_size),
+        "robust_images": len(subset),
+    }

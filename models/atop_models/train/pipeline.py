@@ -19,16 +19,15 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from atop_models.attacks import PGD, EOTGradient
 from atop_models.data import BatchLoader, ImageArrays, LoaderConfig
 from atop_models.defended import LoadedDefense, load_defended
-from atop_models.evaluation.statistics import accuracy, robust_accuracy
+from atop_models.evaluation.statistics import accuracy
 from atop_models.pipeline import PipelineConfig, compose
 from atop_models.rt import RTConfig
 from atop_models.runtime import Runtime
 from atop_models.train.adversarial import AdversarialConfig
 from atop_models.train.classifier import airbench_sgd, triangle
-from atop_models.train.common import DataConfig
+from atop_models.train.common import DataConfig, pgd_check
 from atop_models.train.options import help_field
 from atop_models.train.purifier import l1_loss
 
@@ -139,15 +138,16 @@ class PipelineTask:
             "eval_images": len(self.test),
         }
         if config.eval_robust_images:
-            subset = self.test.subset(config.eval_robust_images)
-            steps, epsilon = config.eval_attack_steps, config.adv.epsilon
-            gradient = EOTGradient(self.pipeline, config.eval_attack_eot)
-            attack = PGD(gradient, epsilon, 2.5 * epsilon / steps, steps)
-            name = f"robust_accuracy_pgd{steps}_eot{config.eval_attack_eot}"
-            metrics |= {
-                name: robust_accuracy(self.pipeline, attack, subset, device, size),
-                "robust_images": len(subset),
-            }
+            metrics |= pgd_check(
+                self.pipeline,
+                self.test,
+                device,
+                size,
+                images=config.eval_robust_images,
+                epsilon=config.adv.epsilon,
+                steps=config.eval_attack_steps,
+                eot=config.eval_attack_eot,
+            )
         self._save(epoch, metrics)
         return metrics | {"lr": self.scheduler.get_last_lr()[-1]}
 
