@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from test_training import CPU, data_config, metrics, pretrain_task, small_run_options
+from test_training import CPU, TINY_CLASSIFIER, data_config, metrics, pretrain_task, small_run_options
 
 from atop_models.attacks import FGSM, EOTGradient, NoisyFGSM
 from atop_models.checkpoint import load_model
@@ -109,31 +109,22 @@ def test_classifier_epochs_report_a_pgd_check_that_bites(synthetic_folder, tmp_p
     """The per-epoch check attacks the classifier it reports on: at a radius that can repaint the image, PGD
     leaves (almost) nothing of the clean accuracy, and the figure lands in the metrics and the checkpoint."""
     out = tmp_path / "checked"
+    data = ["--data-source", str(synthetic_folder), "--data-cache-dir", str(tmp_path / "cache")]
+    check = ["--adv-epsilon", "0.5", "--eval-robust-images", "16", "--eval-attack-steps", "5"]
     main(
         [
             "classifier",
             "--out",
             str(out),
-            "--data-source",
-            str(synthetic_folder),
-            "--data-cache-dir",
-            str(tmp_path / "cache"),
+            *data,
             "--data-eval-images",
             "16",
-            "--arch-kwargs",
-            '{"widths": [16, 32, 32]}',
-            "--batch-size",
-            "32",
+            *TINY_CLASSIFIER,
             "--lr",
             "0.4",
             "--epochs",
             "4",
-            "--adv-epsilon",
-            "0.5",
-            "--eval-robust-images",
-            "16",
-            "--eval-attack-steps",
-            "5",
+            *check,
         ]
     )
     last = metrics(out)[-1]
