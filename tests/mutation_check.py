@@ -43,6 +43,17 @@ RESUME_TEST = "tests/clients/test_classify_cli.py::test_resume_replaces_a_failed
 
 BREAKAGES = [
     Breakage(
+        "the clean file's per-image mask marks every image correct",
+        "models/atop_models/evaluation/clean.py",
+        (
+            (
+                'row["correct_mask"] = "".join("1" if hit else "0" for hit in hits)',
+                'row["correct_mask"] = "1" * len(hits)',
+            ),
+        ),
+        "tests/models/test_evaluation.py::test_clean_accuracy_command_is_seeded_and_matches_the_classifier",
+    ),
+    Breakage(
         "the per-epoch PGD check attacks with a zero radius (reports clean accuracy as robust)",
         "models/atop_models/train/common.py",
         (

@@ -76,3 +76,28 @@ def test_a_cut_without_a_known_common_data_set_is_refused(tmp_path, cifar_test_f
     near = results(tmp_path / "near.json", {**row, "robust_mask": "1" * 10}, data=gone)
     with pytest.raises(SystemExit, match="not on this machine"):
         main([far, near])
+
+
+def clean_file(path, mask, defense="rt+atop"):
+    row = {"defense": defense, "n": len(mask), "clean_accuracy": mask.count("1") / len(mask), "correct_mask": mask}
+    path.write_text(json.dumps({"rows": [row]}))
+    return str(path)
+
+
+def test_two_clean_files_are_paired_image_by_image(tmp_path, capsys):
+    a, b = clean_file(tmp_path / "a.json", "11110110"), clean_file(tmp_path / "b.json", "01110001")
+    assert compare(capsys, a, b) == {
+        "images": 8,
+        "correct_a": 6,
+        "correct_b": 4,
+        "only_a": 3,
+        "only_b": 1,
+        "p_one_sided": 5 / 16,
+    }
+    attacked = results(tmp_path / "r.json", {"defense": "rt+atop", "attack_name": "pgd-eot", "robust_mask": "1" * 8})
+    with pytest.raises(SystemExit, match="not the same kind"):
+        main([a, attacked])
+    with pytest.raises(SystemExit, match="clean-accuracy file: it has no attacks"):
+        main([a, b, "--attack-a", "pgd-eot"])
+    with pytest.raises(SystemExit, match="no row with per-image results for 'undefended'"):
+        main([a, b, "--defense-b", "undefended"])

@@ -228,6 +228,10 @@ def test_clean_accuracy_command_is_seeded_and_matches_the_classifier(trained, tm
     undefended, defended = first["rows"]
     assert undefended["n"] == defended["n"] == len(y)
     assert undefended["clean_accuracy"] == pytest.approx(accuracy(classifier, x, y))
+    with torch.no_grad():
+        hits = (classifier(x).argmax(1) == y).tolist()
+    assert undefended["correct_mask"] == "".join("1" if hit else "0" for hit in hits)
+    assert defended["correct_mask"].count("1") == round(defended["clean_accuracy"] * len(y))
     assert defended["ci95"][0] <= defended["clean_accuracy"] <= defended["ci95"][1]
     assert undefended["top1_agreement"] == 1.0  # deterministic: a second pass answers the same
     assert "atop_models.evaluation.clean" in first["command"]

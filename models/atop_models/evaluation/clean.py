@@ -3,7 +3,9 @@
   python -m atop_models.evaluation.clean --classifier C --pretrained P --atop A \\
       --defenses undefended rt rt+pretrained rt+atop rt+atop@4 --out runs/clean.json
 
-The randomized defenses are drawn with --seed, so a rerun repeats its figures exactly.
+The randomized defenses are drawn with --seed, so a rerun repeats its figures exactly, and every row records
+which images it got right (`correct_mask`): `python -m atop_models.evaluation.compare A.json B.json` pairs two
+such files (e.g. two checkpoints under the same seed) image by image.
 """
 
 from __future__ import annotations
@@ -57,13 +59,15 @@ def main(argv: list[str] | None = None) -> None:
         torch.manual_seed(args.seed)
         started = time.monotonic()
         first = predictions(model, data, device, size)
-        correct = int((first == data.labels).sum())
-        row = {"defense": name, "n": len(data), "clean_accuracy": correct / len(data)}
-        row["ci95"] = wilson95(correct, len(data))
+        hits = (first == data.labels).tolist()
+        row = {"defense": name, "n": len(data), "clean_accuracy": sum(hits) / len(data)}
+        row["ci95"] = wilson95(sum(hits), len(data))
+        # Per image, in the data's order: what `compare` pairs two defenses (or two checkpoints) on.
+        row["correct_mask"] = "".join("1" if hit else "0" for hit in hits)
         if args.agreement:
             row["top1_agreement"] = float((predictions(model, data, device, size) == first).float().mean())
         rows.append(row | {"seconds": round(time.monotonic() - started, 1)})
-        print(json.dumps(rows[-1]))
+        print(json.dumps({key: value for key, value in rows[-1].items() if key != "correct_mask"}))
     if args.out:
         command = "python -m atop_models.evaluation.clean " + shlex.join(sys.argv[1:] if argv is None else argv)
         payload = {"command": command, "data": args.data_source, "checkpoints": defenses.provenance(checkpoints)}
