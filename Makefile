@@ -110,11 +110,11 @@ PIPELINE_RT ?= --rt-noise-sigma 0 --rt-mask-fraction 0.125 --output composite
 # Every purifier stage after the first trains from given weights against the recipe's classifier.
 FINETUNE = atop-train finetune --data-source $(DATA) --classifier $(RUNS)/classifier/classifier
 # AToP as the paper runs it: the classification term on from the start at weight 0.5, lr 1e-4, the attack
-# PGD-3 of 3/255 through RT + purifier + classifier (frozen).
+# PGD-3 of 3/255 through RT + purifier + classifier (frozen). The last stage runs it once more (v5): the
+# pipeline stage's purifier takes one more epoch against that stage's classifier (frozen) at the served RT,
+# with a fresh discriminator, one round of alternating the two (+0.4 clean points, paired on all 10,000 test
+# images; robustness level; docs/robustness.md).
 ATOP = --ce-warmup-epochs 0 --ce-weight 0.5 --lr 1e-4 --attack-steps 3 --attack-step-size 0.0118
-# The served purifier (v5) then takes one more AToP epoch against the pipeline stage's classifier (frozen) at
-# the served RT, with a fresh discriminator: one round of alternating the two (+0.4 clean points, paired on all
-# 10,000 test images; robustness level; docs/robustness.md).
 # Continued pretraining for $(1) epochs: the classification term never switches on (warm-up = every epoch), so
 # no attack runs.
 pretrain_more = $(FINETUNE) --eval-robust-images 0 --epochs $(1) --ce-warmup-epochs $(1)

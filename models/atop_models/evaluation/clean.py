@@ -60,8 +60,9 @@ def main(argv: list[str] | None = None) -> None:
         started = time.monotonic()
         first = predictions(model, data, device, size)
         hits = (first == data.labels).tolist()
-        row = {"defense": name, "n": len(data), "clean_accuracy": sum(hits) / len(data)}
-        row["ci95"] = wilson95(sum(hits), len(data))
+        correct = sum(hits)
+        row = {"defense": name, "n": len(data), "clean_accuracy": correct / len(data)}
+        row["ci95"] = wilson95(correct, len(data))
         # Per image, in the data's order: what `compare` pairs two defenses (or two checkpoints) on.
         row["correct_mask"] = "".join("1" if hit else "0" for hit in hits)
         if args.agreement:

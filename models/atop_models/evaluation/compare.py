@@ -52,9 +52,9 @@ def is_clean_file(results: dict) -> bool:
     return all("attack_name" not in row for row in results["rows"])
 
 
-def kept_mask(results: dict, defense: str, attack: str, name: str) -> list[bool]:
-    """Per image, what the comparison pairs: survived (attack results) or classified correctly (clean files)."""
-    if not is_clean_file(results):
+def kept_mask(results: dict, clean: bool, defense: str, attack: str, name: str) -> list[bool]:
+    """Per image, what the comparison pairs: survived (attack results) or classified correctly (`clean` files)."""
+    if not clean:
         return worst_mask(results, defense, attack, name)
     if attack:
         raise SystemExit(f"{name} is a clean-accuracy file: it has no attacks to pick")
@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     clean = is_clean_file(results_a)
     if clean != is_clean_file(results_b):
         raise SystemExit(f"{args.a} and {args.b} are not the same kind: pair clean with clean, attacks with attacks")
-    a = kept_mask(results_a, args.defense_a, args.attack_a, str(args.a))
-    b = kept_mask(results_b, args.defense_b, args.attack_b, str(args.b))
+    a = kept_mask(results_a, clean, args.defense_a, args.attack_a, str(args.a))
+    b = kept_mask(results_b, clean, args.defense_b, args.attack_b, str(args.b))
     if len(a) != len(b):
         larger = max(len(a), len(b))
         source = args.data_source or recorded_source(results_a, results_b)
