@@ -368,8 +368,13 @@ def test_ctrl_c_stops_cleanly_keeps_the_rows_and_says_how_to_resume(tiny_reposit
     out = tmp_path / "out.csv"
     with serving(SlowService, tiny_repository) as (address, _):
         args = [str(images), "--server", address, "--batch-size", "1", "--concurrency", "1", "-o", str(out)]
+        # A shell starts a foreground program with Ctrl-C at its default action, but a job launched in the
+        # background of a non-interactive shell (as some CI runners do) inherits SIGINT ignored, and Python then
+        # never raises KeyboardInterrupt: the client is started as from a terminal, whatever launched the tests.
+        as_from_a_terminal = "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        as_from_a_terminal += "runpy.run_module('atop_clients.cli', run_name='__main__')"
         process = subprocess.Popen(
-            [sys.executable, "-m", "atop_clients.cli", *args],
+            [sys.executable, "-c", as_from_a_terminal, *args],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
