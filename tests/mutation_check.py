@@ -258,6 +258,12 @@ BREAKAGES = [
         RESUME_TEST,
     ),
     Breakage(
+        "Ctrl-C ends atop-classify as a success",
+        "clients/atop_clients/cli.py",
+        (("        code = INTERRUPTED\n", "        code = 0\n"),),
+        "tests/clients/test_classify_cli.py::test_ctrl_c_stops_cleanly_keeps_the_rows_and_says_how_to_resume",
+    ),
+    Breakage(
         "--resume classifies every input again",
         "clients/atop_clients/cli.py",
         (("todo = [item for item in items if item.key not in previous.keys]", "todo = list(items)"),),
