@@ -45,12 +45,7 @@ BREAKAGES = [
     Breakage(
         "the clean file's per-image mask marks every image correct",
         "models/atop_models/evaluation/clean.py",
-        (
-            (
-                'row["correct_mask"] = "".join("1" if hit else "0" for hit in hits)',
-                'row["correct_mask"] = "1" * len(hits)',
-            ),
-        ),
+        (('row["correct_mask"] = encode_mask(hits)', 'row["correct_mask"] = "1" * len(hits)'),),
         "tests/models/test_evaluation.py::test_clean_accuracy_command_is_seeded_and_matches_the_classifier",
     ),
     Breakage(

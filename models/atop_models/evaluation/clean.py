@@ -22,7 +22,7 @@ import torch
 from atop_models.checkpoint import read_config
 from atop_models.data import DEFAULT_SOURCE, SOURCE_HELP, load_split
 from atop_models.evaluation import defenses
-from atop_models.evaluation.statistics import predictions, wilson95
+from atop_models.evaluation.statistics import encode_mask, predictions, wilson95
 from atop_models.runtime import setup_runtime
 
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         row = {"defense": name, "n": len(data), "clean_accuracy": correct / len(data)}
         row["ci95"] = wilson95(correct, len(data))
         # Per image, in the data's order: what `compare` pairs two defenses (or two checkpoints) on.
-        row["correct_mask"] = "".join("1" if hit else "0" for hit in hits)
+        row["correct_mask"] = encode_mask(hits)
         if args.agreement:
             row["top1_agreement"] = float((predictions(model, data, device, size) == first).float().mean())
         rows.append(row | {"seconds": round(time.monotonic() - started, 1)})

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from atop_models.data import DOWNLOADABLE, SOURCE_HELP, balanced_indices, load_split
-from atop_models.evaluation.statistics import mcnemar_one_sided, survivors
+from atop_models.evaluation.statistics import decode_mask, mcnemar_one_sided, survivors
 
 
 def worst_mask(results: dict, defense: str, attack: str = "", name: str = "results") -> list[bool]:
@@ -43,7 +43,7 @@ def correct_mask(results: dict, defense: str, name: str = "clean file") -> list[
     """Per image: classified correctly, from the `defense` row of a parsed clean-accuracy file."""
     for row in results["rows"]:
         if row["defense"] == defense and "correct_mask" in row:
-            return [hit == "1" for hit in row["correct_mask"]]
+            return decode_mask(row["correct_mask"])
     raise SystemExit(f"{name} has no row with per-image results for {defense!r}")
 
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from atop_models.attacks import Norm
 from atop_models.data import BatchLoader, ImageArrays, LoaderConfig
 from atop_models.evaluation import defenses, named_attacks
-from atop_models.evaluation.statistics import wilson95
+from atop_models.evaluation.statistics import encode_mask, wilson95
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def _attack_batch(
         "n": len(y),
         "clean": int(clean_ok.sum()),
         "robust": int((clean_ok & adv_ok).sum()),
-        "robust_mask": "".join("1" if ok else "0" for ok in (clean_ok & adv_ok).tolist()),
+        "robust_mask": encode_mask((clean_ok & adv_ok).tolist()),
     }
     return record, x_adv
 

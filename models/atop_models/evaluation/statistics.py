@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -64,9 +64,20 @@ def mcnemar_one_sided(more: int, fewer: int) -> float:
     return sum(math.comb(n, k) for k in range(more, n + 1)) / 2**n
 
 
+def encode_mask(hits: Iterable[bool]) -> str:
+    """Per-image results as results files keep them: one "1" (kept) or "0" per image, in the data's order."""
+    return "".join("1" if hit else "0" for hit in hits)
+
+
+def decode_mask(mask: str) -> list[bool]:
+    """The per-image results an `encode_mask` string holds."""
+    return [bit == "1" for bit in mask]
+
+
 def survivors(rows: list[dict]) -> list[bool]:
     """Per image: robust under every one of `rows` (attacks on the same images, each with its robust_mask)."""
-    return [all(r["robust_mask"][i] == "1" for r in rows) for i in range(len(rows[0]["robust_mask"]))]
+    masks = [decode_mask(r["robust_mask"]) for r in rows]
+    return [all(mask[i] for mask in masks) for i in range(len(masks[0]))]
 
 
 def worst_case(rows: list[dict]) -> list[dict[str, Any]]:
