@@ -81,7 +81,7 @@ MODEL_REPOSITORY ?= model_repository
 ZOO ?= models/zoo
 
 # The default models' recipe (models/zoo/README.md has the card: data, figures, timings). Every stage resumes
-# from its run folder, so rerunning continues an interrupted recipe. Sized for 2 CPU cores (~9.3 h in all, over
+# from its run folder, so rerunning continues an interrupted recipe. Sized for 2 CPU cores (~10.7 h in all, over
 # several sittings); on a GPU raise the epochs (e.g. PRETRAIN_EPOCHS=20 FINETUNE_EPOCHS=5).
 # Pretraining runs in three stages: PRETRAIN_EPOCHS, then PRETRAIN_MORE_EPOCHS more with a restarted Adam and
 # a fresh discriminator (how the shipped purifier was continued; `finetune` with the classification term

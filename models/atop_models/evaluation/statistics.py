@@ -76,8 +76,7 @@ def decode_mask(mask: str) -> list[bool]:
 
 def survivors(rows: list[dict]) -> list[bool]:
     """Per image: robust under every one of `rows` (attacks on the same images, each with its robust_mask)."""
-    masks = [decode_mask(r["robust_mask"]) for r in rows]
-    return [all(mask[i] for mask in masks) for i in range(len(masks[0]))]
+    return [all(kept) for kept in zip(*(decode_mask(r["robust_mask"]) for r in rows), strict=True)]
 
 
 def worst_case(rows: list[dict]) -> list[dict[str, Any]]:
