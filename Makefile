@@ -126,6 +126,8 @@ AT_CLASSIFIER = atop-train classifier --data-source $(DATA) --arch-kwargs '{"fli
 # the 10 of the stage the pipeline starts from: +5.7 clean points and +1.9 under PGD-20 bare, ~1.4 h on 2 cores),
 # then served behind the last stage's purifier unchanged. Behind it the pipeline beat v5 on every figure
 # (docs/robustness.md, "v6"); the per-epoch PGD check (256 images) is part of the recipe that reproduces it.
+# Adversarial training on this schedule can diverge (a 15-epoch run did; docs/design.md, "Training that
+# diverges"): atop-train then stops with the previous epoch kept; rerun that stage with --restart --seed 1.
 SERVED_CLASSIFIER_EPOCHS ?= 13
 train-default: install
 	$(RUN) atop-train classifier --out $(RUNS)/classifier --data-source $(DATA) --data-eval-images 0 \

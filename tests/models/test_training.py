@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from atop_models.checkpoint import load_state
+from atop_models.checkpoint import load_state, save_state
 from atop_models.classifiers import CLASSIFIERS
 from atop_models.runtime import Runtime
 from atop_models.train import classifier as classifier_training
 from atop_models.train import purifier as purifier_training
 from atop_models.train.cli import main
-from atop_models.train.common import DataConfig
-from atop_models.train.loop import fit
+from atop_models.train.common import DataConfig, collapse
+from atop_models.train.loop import TrainingHalted, fit
 from atop_models.train.run_dir import RunDir
 
 CPU = Runtime(torch.device("cpu"))
@@ -259,6 +259,43 @@ def test_interrupted_run_resumes_mid_epoch(synthetic_folder, tmp_path):
     other = classifier_training.ClassifierConfig(data=config.data, batch_size=16)
     with pytest.raises(SystemExit, match="another config"):
         RunDir(run_path, CPU).start("classifier", other, restart=False)
+
+
+def test_collapse_separates_a_diverged_run_from_a_dip_and_from_noise():
+    # The 15-epoch baseline run that diverged: 42.8% after epoch 1, 25.6% after epoch 2, on 1,000 test images.
+    assert "fell to 25.6%, 17.2% below its best epoch's 42.8%" in collapse(0.428, 0.256, 1000, 0.1)
+    assert collapse(0.692, 0.687, 1000, 0.1) is None  # the 13-epoch run's largest dip (epoch 8 -> 9)
+    assert collapse(0.75, 0.5, 16, 0.1) is None  # 4 of 16 images: within a small check set's noise
+    assert collapse(0.428, 0.256, 1000, 0.2) is None  # a wider --collapse-drop tolerates it
+    assert collapse(0.428, 0.256, 1000, 1.0) is None  # 1: never
+
+
+def test_a_diverged_run_stops_and_keeps_the_previous_epochs_classifier(synthetic_folder, tmp_path):
+    # lr 1e-9: the net stays near chance, so once its state says an earlier epoch scored 100%, epoch 2 has fallen.
+    config = small_classifier_config(synthetic_folder, tmp_path, epochs=2, lr=1e-9)
+    run_path = tmp_path / "run"
+    run = RunDir(run_path, CPU)
+    run.start("classifier", config, restart=True)
+    task, loader = classifier_training.build(config, CPU, run_path)
+    with contextlib.suppress(Interrupt):  # stopped at epoch 2's first step: epoch 1 is saved whole
+        fit(InterruptingTask(task, len(loader)), loader, run, CPU, 2, config.seed, 60.0, resume=False)
+    state = load_state(run.state_path)
+    assert state["epoch"] == 1 and state["task"]["best_test_accuracy"] == metrics(run_path)[0]["test_accuracy"]
+    state["task"]["best_test_accuracy"] = 1.0
+    save_state(run.state_path, state)
+    epoch_1_weights = (run_path / "classifier.safetensors").read_bytes()
+
+    options = ["--data-source", str(synthetic_folder), "--data-cache-dir", str(tmp_path / "cache")]
+    options += ["--data-eval-images", "0", "--arch-kwargs", '{"widths": [8, 16, 16]}', "--batch-size", "32"]
+    with pytest.raises(SystemExit, match=r"stopped at epoch 2: clean test accuracy fell to .* rerun with --restart"):
+        main(["classifier", "--out", str(run_path), *options, "--epochs", "2", "--lr", "1e-9"])
+    last = metrics(run_path)[-1]
+    assert last["epoch"] == 2 and "below its best epoch's 100.0%" in last["halted"]
+    assert (run_path / "classifier.safetensors").read_bytes() == epoch_1_weights  # the diverged epoch not kept
+    assert load_state(run.state_path)["epoch"] == 1  # nor its state: the folder still resumes from epoch 1
+    task, loader = classifier_training.build(config, CPU, run_path)
+    with pytest.raises(TrainingHalted, match="epoch 2"):  # and resuming it halts again, as it should
+        fit(task, loader, run, CPU, 2, config.seed, 60.0, resume=True)
 
 
 def small_run_options(folder: Path, tmp_path: Path) -> list[str]:

@@ -20,7 +20,7 @@ from atop_models.data import BatchLoader, ImageArrays, LoaderConfig
 from atop_models.evaluation.statistics import accuracy
 from atop_models.runtime import Runtime
 from atop_models.train.adversarial import AdversarialConfig
-from atop_models.train.common import DataConfig, pgd_check
+from atop_models.train.common import DataConfig, collapse, pgd_check
 from atop_models.train.options import help_field
 
 
@@ -70,6 +70,11 @@ class ClassifierConfig:
         "Long adversarial runs can lose robustness late while clean accuracy still rises (robust overfitting)",
     )
     eval_attack_steps: int = help_field(10, "steps of that check's PGD (step 2.5 epsilon / steps)")
+    collapse_drop: float = help_field(
+        0.1,
+        "stop the run when clean test accuracy falls more than this fraction below its best epoch's (and beyond "
+        "the check set's noise): the run has diverged, and the previous epoch's classifier is kept (1: never)",
+    )
     seed: int = help_field(0, "seeds data order, init and augmentation")
 
 
@@ -158,6 +163,7 @@ class ClassifierTask:
         schedule = triangle(self.total_steps, config.lr_start, config.lr_peak_at, config.lr_end)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=runtime.device.type == "cuda")
+        self.best_test_accuracy = 0.0  # the divergence check's reference (kept in the state across resumes)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, float]:
         x = self.config.adv.perturb(self.model, x, y)
@@ -204,6 +210,11 @@ class ClassifierTask:
                 steps=config.eval_attack_steps,
                 eot=1,  # the classifier alone is deterministic
             )
+        logged = {"lr": self.scheduler.get_last_lr()[-1]}
+        diverged = collapse(self.best_test_accuracy, test_accuracy, len(self.test), config.collapse_drop)
+        if diverged:
+            return metrics | logged | {"halted": diverged}  # its weights are not saved over the previous epoch's
+        self.best_test_accuracy = max(self.best_test_accuracy, test_accuracy)
         save_model(
             self.out / "classifier",
             self.model,
@@ -215,7 +226,7 @@ class ClassifierTask:
             recipe={"command": "classifier", **dataclasses.asdict(self.config)},
             metrics={"epoch": epoch + 1, **metrics},
         )
-        return metrics | {"lr": self.scheduler.get_last_lr()[-1]}
+        return metrics | logged
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -223,6 +234,7 @@ class ClassifierTask:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             **({"lookahead": self.lookahead.average} if self.lookahead else {}),
+            "best_test_accuracy": self.best_test_accuracy,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -231,6 +243,7 @@ class ClassifierTask:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.lookahead:
             self.lookahead.average = state["lookahead"]
+        self.best_test_accuracy = state["best_test_accuracy"]
 
 
 def build(config: ClassifierConfig, runtime: Runtime, out: Path) -> tuple[ClassifierTask, BatchLoader]:

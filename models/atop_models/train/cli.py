@@ -15,7 +15,7 @@ from atop_models.data import TooFewImages
 from atop_models.defended import MismatchedCheckpoints
 from atop_models.runtime import setup_runtime, teardown_runtime
 from atop_models.train import classifier, pipeline, purifier
-from atop_models.train.loop import fit
+from atop_models.train.loop import TrainingHalted, fit
 from atop_models.train.options import add_options, from_options
 from atop_models.train.run_dir import RunDir
 
@@ -70,7 +70,13 @@ def main(argv: list[str] | None = None) -> None:
             )
         except MismatchedCheckpoints as error:
             raise SystemExit(str(error)) from error
-        history = fit(task, loader, run, runtime, config.epochs, config.seed, args.checkpoint_minutes, resume)
+        try:
+            history = fit(task, loader, run, runtime, config.epochs, config.seed, args.checkpoint_minutes, resume)
+        except TrainingHalted as halt:
+            raise SystemExit(
+                f"atop-train {args.command}: stopped at {halt} (metrics in {run.metrics_path}); "
+                "rerun with --restart and a lower --lr or another --seed"
+            ) from halt
         if runtime.is_main and history:
             print(json.dumps(history[-1]))
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,3 +49,18 @@ def pgd_check(
         f"robust_accuracy_pgd{steps}_eot{eot}": robust_accuracy(model, attack, subset, device, image_size),
         "robust_images": len(subset),
     }
+
+
+def collapse(best: float, current: float, images: int, min_drop: float) -> str | None:
+    """Why a run has diverged, or None: its clean test accuracy fell more than `min_drop` below its best epoch's,
+    and further than three standard errors of the difference on `images` test images (so that a small check set's
+    sampling noise never halts a healthy run). Adversarial training on airbench's aggressive schedule can blow up
+    near its peak lr and does not recover (docs/design.md, "Training that diverges")."""
+    drop = best - current
+    noise = 3 * math.sqrt((best * (1 - best) + current * (1 - current)) / max(images, 1))
+    if drop <= max(min_drop, noise):
+        return None
+    return (
+        f"clean test accuracy fell to {current:.1%}, {drop:.1%} below its best epoch's {best:.1%} "
+        f"(more than --collapse-drop {min_drop:.0%} and than 3 standard errors on {images} images, {noise:.1%})"
+    )

@@ -22,6 +22,11 @@ from atop_models.runtime import Runtime, seed_everything
 from atop_models.train.run_dir import RunDir
 
 
+class TrainingHalted(Exception):
+    """A task stopped the run at an epoch's end: that epoch's metrics are logged (with the reason under "halted"),
+    its state is not saved, so the run folder still holds the last checkpoint before it."""
+
+
 class Task(Protocol):
     def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, float]: ...
     def end_epoch(self, epoch: int) -> dict[str, Any]: ...
@@ -115,6 +120,8 @@ def fit(
         metrics.update(task.end_epoch(epoch))
         runtime.barrier()
         run.log(metrics)
+        if runtime.mean({"halted": float("halted" in metrics)})["halted"]:  # every rank stops, not only rank 0
+            raise TrainingHalted(f"epoch {epoch + 1}: {metrics.get('halted', 'halted by rank 0')}")
         history.append(metrics)
         start_batch, sums, seconds_before = 0, {}, 0.0
         save(epoch + 1, 0, {}, 0.0)
