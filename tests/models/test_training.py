@@ -14,8 +14,9 @@ from atop_models.classifiers import CLASSIFIERS
 from atop_models.runtime import Runtime
 from atop_models.train import classifier as classifier_training
 from atop_models.train import purifier as purifier_training
+from atop_models.train.adversarial import AdversarialConfig
 from atop_models.train.cli import main
-from atop_models.train.common import DataConfig, collapse
+from atop_models.train.common import DataConfig, collapse, halt_reason
 from atop_models.train.loop import TrainingHalted, fit
 from atop_models.train.run_dir import RunDir
 
@@ -268,6 +269,36 @@ def test_collapse_separates_a_diverged_run_from_a_dip_and_from_noise():
     assert collapse(0.75, 0.5, 16, 0.1) is None  # 4 of 16 images: within a small check set's noise
     assert collapse(0.428, 0.256, 1000, 0.2) is None  # a wider --collapse-drop tolerates it
     assert collapse(0.428, 0.256, 1000, 1.0) is None  # 1: never
+
+
+def test_halt_reason_reads_an_epochs_metrics():
+    # The training attack (N-FGSM) on 500 test images, measured after the epoch named.
+    on_500 = {"training_attack_images": 500}
+    healthy = {"test_accuracy": 0.765, "eval_images": 1000}  # the 13-epoch baseline (v6's classifier), epoch 13
+    healthy |= {"training_attack_accuracy": 0.476, "training_attack_clean_accuracy": 0.762}
+    assert halt_reason(0.752, healthy | on_500, 0.1) == ""
+    leaking = {"test_accuracy": 0.183, "eval_images": 1000}  # the 15-epoch run's seed 1, epoch 2
+    leaking |= {"training_attack_accuracy": 0.55, "training_attack_clean_accuracy": 0.182}
+    leaking |= on_500
+    reason = halt_reason(0.203, leaking, 0.1)  # not a collapse (20.3% -> 18.3%): a leak
+    assert reason.startswith("the training attack's examples score 55.0% against 18.2% clean on 500 test images")
+    both = halt_reason(0.428, leaking, 0.1)
+    assert "fell to 18.3%" in both and "reads the label from the perturbation" in both
+    assert halt_reason(0.428, {"test_accuracy": 0.256, "eval_images": 1000}, 0.1).startswith("clean test accuracy")
+
+
+def test_an_adversarial_run_checks_its_training_attack_every_epoch(synthetic_folder, tmp_path):
+    adv = AdversarialConfig(kind="n-fgsm")
+    config = small_classifier_config(synthetic_folder, tmp_path, epochs=2, adv=adv, leak_check_images=16)
+    run_path = tmp_path / "run"
+    run = RunDir(run_path, CPU)
+    run.start("classifier", config, restart=True)
+    task, loader = classifier_training.build(config, CPU, run_path)
+    fit(task, loader, run, CPU, 2, config.seed, 60.0, resume=False)
+    for epoch in metrics(run_path):
+        assert epoch["training_attack_images"] == 16 and "halted" not in epoch
+        assert 0 <= epoch["training_attack_accuracy"] <= 1 and 0 <= epoch["training_attack_clean_accuracy"] <= 1
+    assert json.loads((run_path / "classifier.json").read_text())["metrics"]["epoch"] == 2
 
 
 def test_a_diverged_run_stops_and_keeps_the_previous_epochs_classifier(synthetic_folder, tmp_path):

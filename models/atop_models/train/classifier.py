@@ -20,7 +20,7 @@ from atop_models.data import BatchLoader, ImageArrays, LoaderConfig
 from atop_models.evaluation.statistics import accuracy
 from atop_models.runtime import Runtime
 from atop_models.train.adversarial import AdversarialConfig
-from atop_models.train.common import DataConfig, collapse, pgd_check
+from atop_models.train.common import DataConfig, halt_reason, pgd_check, training_attack_check
 from atop_models.train.options import help_field
 
 
@@ -70,6 +70,11 @@ class ClassifierConfig:
         "Long adversarial runs can lose robustness late while clean accuracy still rises (robust overfitting)",
     )
     eval_attack_steps: int = help_field(10, "steps of that check's PGD (step 2.5 epsilon / steps)")
+    leak_check_images: int = help_field(
+        256,
+        "test images the training attack is run on after each epoch (adversarial runs): the run stops when it "
+        "raises their accuracy (label leaking: the network reads the label from the perturbation); 0: off",
+    )
     collapse_drop: float = help_field(
         0.1,
         "stop the run when clean test accuracy falls more than this fraction below its best epoch's (and beyond "
@@ -210,8 +215,11 @@ class ClassifierTask:
                 steps=config.eval_attack_steps,
                 eot=1,  # the classifier alone is deterministic
             )
+        if config.adv.active and config.leak_check_images:
+            attack, images = config.adv.attack(self.model), config.leak_check_images
+            metrics |= training_attack_check(self.model, attack, self.test, device, config.image_size, images)
         logged = {"lr": self.scheduler.get_last_lr()[-1]}
-        diverged = collapse(self.best_test_accuracy, test_accuracy, len(self.test), config.collapse_drop)
+        diverged = halt_reason(self.best_test_accuracy, metrics, config.collapse_drop)
         if diverged:
             return metrics | logged | {"halted": diverged}  # its weights are not saved over the previous epoch's
         self.best_test_accuracy = max(self.best_test_accuracy, test_accuracy)
