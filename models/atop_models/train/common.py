@@ -107,8 +107,8 @@ def label_leak(check: dict[str, Any]) -> str | None:
 
 
 def halt_reason(best: float, metrics: dict[str, Any], min_drop: float) -> str:
-    """Why an adversarial classifier run should stop after the epoch that logged `metrics` ("" when it is
-    healthy): its clean accuracy collapsed below the `best` epoch's, or its training attack leaks the label."""
+    """Why a classifier run should stop after the epoch that logged `metrics` ("" when it is healthy): its clean
+    accuracy collapsed below the `best` epoch's, or (adversarial runs) its training attack leaks the label."""
     reasons = [collapse(best, metrics["test_accuracy"], metrics["eval_images"], min_drop)]
     if "training_attack_accuracy" in metrics:
         reasons.append(label_leak(metrics))
