@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         except TrainingHalted as halt:
             raise SystemExit(
                 f"atop-train {args.command}: stopped at {halt} (metrics in {run.metrics_path}); "
-                'rerun with --restart and another --seed (docs/design.md, "Training that diverges")'
+                "rerun with --restart and another --seed, or with --adv-kind pgd --adv-steps 2 "
+                '(docs/design.md, "Training that diverges")'
             ) from halt
         if runtime.is_main and history:
             print(json.dumps(history[-1]))
