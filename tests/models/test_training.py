@@ -232,13 +232,14 @@ def test_interrupted_run_resumes_mid_epoch(synthetic_folder, tmp_path):
             fit(wrapped, loader, run, CPU, config.epochs, config.seed, checkpoint_minutes=0.0, resume=resume)
         return wrapped.steps, len(loader)
 
-    done, per_epoch = attempt(stop_after=3, restart=True, step_seconds=1.0)  # killed in epoch 1 after 3 steps
+    done, per_epoch = attempt(stop_after=3, restart=True, step_seconds=4.0)  # killed in epoch 1 after 3 steps
     assert done == 3 and not (run_path / "metrics.jsonl").exists()
     done, _ = attempt(stop_after=None)
     assert done == 2 * per_epoch - 3  # resumed at batch 3 of epoch 1, not from scratch
     assert [m["epoch"] for m in metrics(run_path)] == [1, 2]
-    # epoch 1's cost includes the 3 s it ran before the kill, not only the quick steps after the resume
-    assert metrics(run_path)[0]["train_seconds"] >= 3.0 > metrics(run_path)[1]["train_seconds"]
+    # epoch 1's cost includes the 12 s it ran before the kill, not only the quick steps after the resume (a whole
+    # epoch of them took 6 s on a loaded machine: the margin is wide so the comparison holds under load)
+    assert metrics(run_path)[0]["train_seconds"] >= 12.0 > metrics(run_path)[1]["train_seconds"]
     done, _ = attempt(stop_after=None)
     assert done == 0  # already finished: nothing redone
 
