@@ -52,7 +52,7 @@ def pgd_check(
     }
 
 
-def _noise(p: float, q: float, images: int) -> float:
+def _three_standard_errors(p: float, q: float, images: int) -> float:
     """Three standard errors of the difference of two accuracies measured on `images` images each."""
     return 3 * math.sqrt((p * (1 - p) + q * (1 - q)) / max(images, 1))
 
@@ -63,7 +63,7 @@ def collapse(best: float, current: float, images: int, min_drop: float) -> str |
     sampling noise never halts a healthy run). Adversarial training on airbench's aggressive schedule can blow up
     near its peak lr and does not recover (docs/design.md, "Training that diverges")."""
     drop = best - current
-    noise = _noise(best, current, images)
+    noise = _three_standard_errors(best, current, images)
     if drop <= max(min_drop, noise):
         return None
     return (
@@ -90,14 +90,13 @@ def training_attack_check(
     }
 
 
-def label_leak(check: dict[str, Any]) -> str | None:
-    """Why a run has stopped learning robustness, or None, from a `training_attack_check`: the training attack
-    *raises* accuracy on test images beyond three standard errors. The network reads the label from the
+def label_leak(clean: float, attacked: float, images: int) -> str | None:
+    """Why a run has stopped learning robustness, or None: its training attack *raises* the accuracy of `images`
+    test images (`clean` -> `attacked`) beyond three standard errors. The network reads the label from the
     perturbation (a single-step attack's step follows the true label's gradient: "label leaking", the mark of
     catastrophic overfitting), so its training inputs no longer teach it about attacks (docs/design.md,
     "Training that diverges")."""
-    clean, attacked, images = (check[f"training_attack_{key}"] for key in ("clean_accuracy", "accuracy", "images"))
-    noise = _noise(clean, attacked, images)
+    noise = _three_standard_errors(clean, attacked, images)
     if attacked - clean <= noise:
         return None
     return (
@@ -111,5 +110,11 @@ def halt_reason(best: float, metrics: dict[str, Any], min_drop: float) -> str:
     accuracy collapsed below the `best` epoch's, or (adversarial runs) its training attack leaks the label."""
     reasons = [collapse(best, metrics["test_accuracy"], metrics["eval_images"], min_drop)]
     if "training_attack_accuracy" in metrics:
-        reasons.append(label_leak(metrics))
+        reasons.append(
+            label_leak(
+                metrics["training_attack_clean_accuracy"],
+                metrics["training_attack_accuracy"],
+                metrics["training_attack_images"],
+            )
+        )
     return "; ".join(reason for reason in reasons if reason)
