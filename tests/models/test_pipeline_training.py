@@ -87,6 +87,25 @@ def test_pipeline_training_can_train_the_purifier_too(synthetic_folder, trained_
     assert any(not torch.equal(v, purifier_before[k]) for k, v in task.purifier.state_dict().items())
 
 
+def test_a_diverged_pipeline_epoch_is_not_saved(synthetic_folder, trained_classifier, tiny_purifier, tmp_path):
+    """The pipeline stage halts like the classifier's: once its resumable state says an earlier epoch scored
+    100% through the pipeline, this (untrained-purifier, near-chance) one has collapsed, and its pair is not
+    written over the previous epoch's."""
+    task, _ = pipeline_task(synthetic_folder, trained_classifier / "classifier", tiny_purifier, tmp_path)
+    first = task.end_epoch(0)
+    assert "halted" not in first and first["training_attack_images"] == first["eval_images"]  # N-FGSM by default
+    state = task.state_dict()
+    assert state["best_pipeline_accuracy"] == first["pipeline_accuracy"] < 0.5
+    pair = tmp_path / "pipe" / "classifier.safetensors"
+    saved = pair.read_bytes()
+    task.load_state_dict(state | {"best_pipeline_accuracy": 1.0})
+    halted = task.end_epoch(1)
+    assert f"fell to {halted['pipeline_accuracy']:.1%}" in halted["halted"]
+    assert "below its best epoch's 100.0%" in halted["halted"]
+    assert pair.read_bytes() == saved and json.loads(pair.with_suffix(".json").read_text())["metrics"]["epoch"] == 1
+    assert task.guard.best == 1.0  # a halted epoch never becomes the reference
+
+
 def test_classifier_trains_on_adversarial_examples(synthetic_folder, tmp_path):
     config = classifier_training.ClassifierConfig(
         data=data_config(synthetic_folder, tmp_path),
@@ -157,7 +176,7 @@ def test_cli_pipeline_stage_writes_a_pair_with_its_rt(synthetic_folder, trained_
         ]
     )
     (last,) = metrics(out)
-    assert {"pipeline_accuracy", "robust_accuracy_pgd1_eot2", "train_ce"} <= set(last)
+    assert {"pipeline_accuracy", "robust_accuracy_pgd1_eot2", "train_ce", "training_attack_accuracy"} <= set(last)
     purifier = json.loads((out / "purifier.json").read_text())
     assert RTConfig(**purifier["rt"]) == RTConfig(noise_sigma=0.06)
     classifier = json.loads((out / "classifier.json").read_text())

@@ -273,19 +273,16 @@ def test_collapse_separates_a_diverged_run_from_a_dip_and_from_noise():
 
 
 def test_halt_reason_reads_an_epochs_metrics():
-    # The training attack (N-FGSM) on 500 test images, measured after the epoch named.
+    # Clean accuracy on 1,000 test images; the training attack (N-FGSM) on 500, measured after the epoch named.
     on_500 = {"training_attack_images": 500}
-    healthy = {"test_accuracy": 0.765, "eval_images": 1000}  # the 13-epoch baseline (v6's classifier), epoch 13
-    healthy |= {"training_attack_accuracy": 0.476, "training_attack_clean_accuracy": 0.762}
-    assert halt_reason(0.752, healthy | on_500, 0.1) == ""
-    leaking = {"test_accuracy": 0.183, "eval_images": 1000}  # the 15-epoch run's seed 1, epoch 2
-    leaking |= {"training_attack_accuracy": 0.55, "training_attack_clean_accuracy": 0.182}
-    leaking |= on_500
-    reason = halt_reason(0.203, leaking, 0.1)  # not a collapse (20.3% -> 18.3%): a leak
+    healthy = {"training_attack_accuracy": 0.476, "training_attack_clean_accuracy": 0.762}  # v6's classifier
+    assert halt_reason(0.752, 0.765, 1000, healthy | on_500, 0.1) == ""
+    leaking = {"training_attack_accuracy": 0.55, "training_attack_clean_accuracy": 0.182}  # 15 epochs, seed 1
+    reason = halt_reason(0.203, 0.183, 1000, leaking | on_500, 0.1)  # not a collapse (20.3% -> 18.3%): a leak
     assert reason.startswith("the training attack's examples score 55.0% against 18.2% clean on 500 test images")
-    both = halt_reason(0.428, leaking, 0.1)
+    both = halt_reason(0.428, 0.183, 1000, leaking | on_500, 0.1)
     assert "fell to 18.3%" in both and "reads the label from the perturbation" in both
-    assert halt_reason(0.428, {"test_accuracy": 0.256, "eval_images": 1000}, 0.1).startswith("clean test accuracy")
+    assert halt_reason(0.428, 0.256, 1000, {}, 0.1).startswith("clean test accuracy")
 
 
 def test_an_adversarial_run_checks_its_training_attack_every_epoch(synthetic_folder, tmp_path):

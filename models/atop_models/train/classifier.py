@@ -20,7 +20,13 @@ from atop_models.data import BatchLoader, ImageArrays, LoaderConfig
 from atop_models.evaluation.statistics import accuracy
 from atop_models.runtime import Runtime
 from atop_models.train.adversarial import AdversarialConfig
-from atop_models.train.common import DataConfig, halt_reason, pgd_check, training_attack_check
+from atop_models.train.common import (
+    DataConfig,
+    DivergenceGuard,
+    collapse_drop_field,
+    leak_check_field,
+    pgd_check,
+)
 from atop_models.train.options import help_field
 
 
@@ -70,16 +76,8 @@ class ClassifierConfig:
         "Long adversarial runs can lose robustness late while clean accuracy still rises (robust overfitting)",
     )
     eval_attack_steps: int = help_field(10, "steps of that check's PGD (step 2.5 epsilon / steps)")
-    leak_check_images: int = help_field(
-        256,
-        "test images the training attack is run on after each epoch (adversarial runs): the run stops when it "
-        "raises their accuracy (label leaking: the network reads the label from the perturbation); 0: off",
-    )
-    collapse_drop: float = help_field(
-        0.1,
-        "stop the run when clean test accuracy falls more than this fraction below its best epoch's (and beyond "
-        "the check set's noise): the run has diverged, and the previous epoch's classifier is kept (1: never)",
-    )
+    leak_check_images: int = leak_check_field()
+    collapse_drop: float = collapse_drop_field()
     seed: int = help_field(0, "seeds data order, init and augmentation")
 
 
@@ -168,7 +166,7 @@ class ClassifierTask:
         schedule = triangle(self.total_steps, config.lr_start, config.lr_peak_at, config.lr_end)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=runtime.device.type == "cuda")
-        self.best_test_accuracy = 0.0  # the divergence check's reference (kept in the state across resumes)
+        self.guard = DivergenceGuard(config.collapse_drop, config.leak_check_images)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, float]:
         x = self.config.adv.perturb(self.model, x, y)
@@ -215,14 +213,10 @@ class ClassifierTask:
                 steps=config.eval_attack_steps,
                 eot=1,  # the classifier alone is deterministic
             )
-        if config.adv.active and config.leak_check_images:
-            attack, images = config.adv.attack(self.model), config.leak_check_images
-            metrics |= training_attack_check(self.model, attack, self.test, device, config.image_size, images)
+        metrics |= self.guard.check(self.model, config.adv, self.test, device, config.image_size, test_accuracy)
         logged = {"lr": self.scheduler.get_last_lr()[-1]}
-        diverged = halt_reason(self.best_test_accuracy, metrics, config.collapse_drop)
-        if diverged:
-            return metrics | logged | {"halted": diverged}  # its weights are not saved over the previous epoch's
-        self.best_test_accuracy = max(self.best_test_accuracy, test_accuracy)
+        if "halted" in metrics:
+            return metrics | logged  # its weights are not saved over the previous epoch's
         save_model(
             self.out / "classifier",
             self.model,
@@ -242,7 +236,7 @@ class ClassifierTask:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             **({"lookahead": self.lookahead.average} if self.lookahead else {}),
-            "best_test_accuracy": self.best_test_accuracy,
+            "best_test_accuracy": self.guard.best,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -251,7 +245,7 @@ class ClassifierTask:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.lookahead:
             self.lookahead.average = state["lookahead"]
-        self.best_test_accuracy = state["best_test_accuracy"]
+        self.guard.best = state["best_test_accuracy"]
 
 
 def build(config: ClassifierConfig, runtime: Runtime, out: Path) -> tuple[ClassifierTask, BatchLoader]:

@@ -13,6 +13,7 @@ from torch import nn
 from atop_models.attacks import PGD, EOTGradient
 from atop_models.data import DEFAULT_SOURCE, SOURCE_HELP, ImageArrays, load_split
 from atop_models.evaluation.statistics import accuracy, robust_accuracy
+from atop_models.train.adversarial import AdversarialConfig
 from atop_models.train.options import help_field
 
 
@@ -28,6 +29,24 @@ class DataConfig:
         train = load_split(self.source, "train", self.size, self.cache_dir, count=self.train_images)
         test = load_split(self.source, "test", self.size, self.cache_dir, count=self.eval_images)
         return train, test
+
+
+def leak_check_field() -> Any:
+    """The `--leak-check-images` option of every training command that can train on adversarial examples."""
+    return help_field(
+        256,
+        "test images the training attack is run on after each epoch (adversarial runs): the run stops when it "
+        "raises their accuracy (label leaking: the network reads the label from the perturbation); 0: off",
+    )
+
+
+def collapse_drop_field() -> Any:
+    """The `--collapse-drop` option of every training command that trains a classifier."""
+    return help_field(
+        0.1,
+        "stop the run when clean test accuracy falls more than this fraction below its best epoch's (and beyond "
+        "the check set's noise): the run has diverged, and the previous epoch's checkpoint is kept (1: never)",
+    )
 
 
 def pgd_check(
@@ -105,10 +124,11 @@ def label_leak(clean: float, attacked: float, images: int) -> str | None:
     )
 
 
-def halt_reason(best: float, metrics: dict[str, Any], min_drop: float) -> str:
-    """Why a classifier run should stop after the epoch that logged `metrics` ("" when it is healthy): its clean
-    accuracy collapsed below the `best` epoch's, or (adversarial runs) its training attack leaks the label."""
-    reasons = [collapse(best, metrics["test_accuracy"], metrics["eval_images"], min_drop)]
+def halt_reason(best: float, clean: float, images: int, metrics: dict[str, Any], min_drop: float) -> str:
+    """Why a run should stop after the epoch that logged `metrics` and scored `clean` on `images` test images
+    ("" when it is healthy): its clean accuracy collapsed below the `best` epoch's, or (adversarial runs) its
+    training attack leaks the label."""
+    reasons = [collapse(best, clean, images, min_drop)]
     if "training_attack_accuracy" in metrics:
         reasons.append(
             label_leak(
@@ -118,3 +138,36 @@ def halt_reason(best: float, metrics: dict[str, Any], min_drop: float) -> str:
             )
         )
     return "; ".join(reason for reason in reasons if reason)
+
+
+@dataclass
+class DivergenceGuard:
+    """The end-of-epoch check that stops a diverged run (docs/design.md, "Training that diverges"), shared by
+    `atop-train classifier` and `atop-train pipeline`. `best` is the best clean accuracy of the epochs kept so
+    far: part of the task's resumable state, so that a resumed run compares against the same reference."""
+
+    collapse_drop: float
+    leak_check_images: int
+    best: float = 0.0
+
+    def check(
+        self,
+        model: nn.Module,
+        adv: AdversarialConfig,
+        test: ImageArrays,
+        device: torch.device,
+        image_size: int,
+        clean: float,
+    ) -> dict[str, Any]:
+        """The metrics the check adds to an epoch that scored `clean` on all of `test`: the training attack's
+        (adversarial runs) and, when the run has diverged, the reason under "halted" (the caller then keeps
+        the previous epoch's weights). A healthy epoch's accuracy becomes the reference when it is the best."""
+        metrics: dict[str, Any] = {}
+        if adv.active and self.leak_check_images:
+            attack = adv.attack(model)
+            metrics |= training_attack_check(model, attack, test, device, image_size, self.leak_check_images)
+        reason = halt_reason(self.best, clean, len(test), metrics, self.collapse_drop)
+        if reason:
+            return metrics | {"halted": reason}
+        self.best = max(self.best, clean)
+        return metrics

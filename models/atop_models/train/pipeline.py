@@ -27,7 +27,7 @@ from atop_models.rt import RTConfig
 from atop_models.runtime import Runtime
 from atop_models.train.adversarial import AdversarialConfig
 from atop_models.train.classifier import airbench_sgd, triangle
-from atop_models.train.common import DataConfig, pgd_check
+from atop_models.train.common import DataConfig, DivergenceGuard, collapse_drop_field, leak_check_field, pgd_check
 from atop_models.train.options import help_field
 from atop_models.train.purifier import l1_loss
 
@@ -63,6 +63,8 @@ class PipelineTrainConfig:
     eval_robust_images: int = help_field(64, "test images attacked (PGD-EOT through the pipeline) after each epoch")
     eval_attack_steps: int = help_field(10, "steps of that check's PGD (step 2.5 epsilon / steps)")
     eval_attack_eot: int = help_field(2, "RT draws per gradient in that check")
+    leak_check_images: int = leak_check_field()
+    collapse_drop: float = collapse_drop_field()
     seed: int = help_field(0, "seeds data order, RT draws and attacks")
 
 
@@ -100,6 +102,7 @@ class PipelineTask:
         )
         schedule = triangle(config.epochs * steps_per_epoch, config.lr_start, config.lr_peak_at, config.lr_end)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.guard = DivergenceGuard(config.collapse_drop, config.leak_check_images)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, float]:
         config = self.config
@@ -133,10 +136,8 @@ class PipelineTask:
         config, device = self.config, self.runtime.device
         self.pipeline.eval()
         size = self.classifier_in.record["image_size"]
-        metrics: dict[str, Any] = {
-            "pipeline_accuracy": accuracy(self.pipeline, self.test, device, size),
-            "eval_images": len(self.test),
-        }
+        clean = accuracy(self.pipeline, self.test, device, size)
+        metrics: dict[str, Any] = {"pipeline_accuracy": clean, "eval_images": len(self.test)}
         if config.eval_robust_images:
             metrics |= pgd_check(
                 self.pipeline,
@@ -148,7 +149,9 @@ class PipelineTask:
                 steps=config.eval_attack_steps,
                 eot=config.eval_attack_eot,
             )
-        self._save(epoch, metrics)
+        metrics |= self.guard.check(self.pipeline, config.adv, self.test, device, size, clean)
+        if "halted" not in metrics:  # a diverged epoch's pair is not saved over the previous epoch's
+            self._save(epoch, metrics)
         return metrics | {"lr": self.scheduler.get_last_lr()[-1]}
 
     def _save(self, epoch: int, metrics: dict[str, Any]) -> None:
@@ -180,6 +183,7 @@ class PipelineTask:
             "classifier": self.classifier.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "best_pipeline_accuracy": self.guard.best,
         }
         if self.purifier_optimizer is not None:
             state |= {
@@ -192,6 +196,7 @@ class PipelineTask:
         self.classifier.load_state_dict(state["classifier"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.guard.best = state["best_pipeline_accuracy"]
         if self.purifier_optimizer is not None:
             self.purifier.load_state_dict(state["purifier"])
             self.purifier_optimizer.load_state_dict(state["purifier_optimizer"])
