@@ -46,9 +46,10 @@ def test_ablation_table_and_plot(tmp_path):
     assert (trained["clean"], trained["robust"], trained["cpu_hours"]) == (0.7, 0.4, 2.25)  # pgd-eot, not fgsm
     assert given["cpu_hours"] == 2
     assert (trained["series"], given["series"], grid["point"]) == (None, "RT grid", "sigma 0.2")
+    assert (trained["number"], given["number"], grid["number"]) == (1, 2, 2)  # a series' rows share its number
     main([str(spec_path)])
     table = (tmp_path / "ablation.md").read_text()
-    assert "| trained | 70.0% (69.0-71.0, n=10000) | 40.0% (34.0-46.0, n=256) | 2.25 |" in table
+    assert "| 1 | trained | 70.0% (69.0-71.0, n=10000) | 40.0% (34.0-46.0, n=256) | 2.25 |" in table
     assert (tmp_path / "ablation.png").stat().st_size > 10_000
     assert (tmp_path / "series.png").stat().st_size > 10_000
 

@@ -10,7 +10,8 @@ series (e.g. an RT grid at one mask fraction) are joined by a line in the plot a
 and with a number "x" as well (e.g. the noise sigma) they get a second figure: clean and robust accuracy against
 x, one line per series, x named by the spec's "series_axis"}. Paths are relative to the spec's folder. Writes
 ablation.md and ablation.png (robust against clean accuracy, 95% intervals) beside the spec, and series.png when
-rows have an x.
+rows have an x. Each series (a lone row is its own) gets a number, in the order the spec first names it: the
+table's first column and the plot's point labels, since two dozen series outrun any palette.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 ATTACK = "pgd-eot"
+MARKERS = "osD^vP*X"  # cycled with the palette's 10 colours: no two of 80 series look alike
 
 
 def _pick(rows: list[dict], defense: str, source: Path) -> dict:
@@ -44,6 +46,7 @@ def _training_hours(metrics: Path) -> float:
 def load_rows(spec_path: Path) -> list[dict[str, Any]]:
     base = spec_path.parent
     rows = []
+    numbers: dict[str, int] = {}
     for entry in json.loads(spec_path.read_text())["rows"]:
         clean_file, results_file = base / entry["clean"], base / entry["results"]
         clean = _pick(json.loads(clean_file.read_text())["rows"], entry["defense"], clean_file)
@@ -52,8 +55,10 @@ def load_rows(spec_path: Path) -> list[dict[str, Any]]:
             hours = entry.get("base_cpu_hours", 0.0) + _training_hours(base / entry["metrics"])
         else:
             hours = entry["cpu_hours"]
+        series = entry.get("series") or entry["label"]
         rows.append(
             {
+                "number": numbers.setdefault(series, len(numbers) + 1),
                 "label": entry["label"],
                 "clean": clean["clean_accuracy"],
                 "clean_ci95": clean["ci95"],
@@ -73,12 +78,13 @@ def load_rows(spec_path: Path) -> list[dict[str, Any]]:
 
 def write_table(rows: list[dict[str, Any]], path: Path) -> None:
     lines = [
-        "| variant | clean (95% CI) | PGD-EOT robust (95% CI) | training, h on 2 cores (all stages) |",
-        "|---|---|---|---|",
+        "| # | variant | clean (95% CI) | PGD-EOT robust (95% CI) | training, h on 2 cores (all stages) |",
+        "|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['label']} | {100 * r['clean']:.1f}% ({100 * r['clean_ci95'][0]:.1f}-{100 * r['clean_ci95'][1]:.1f}, "
+            f"| {r['number']} | {r['label']} | "
+            f"{100 * r['clean']:.1f}% ({100 * r['clean_ci95'][0]:.1f}-{100 * r['clean_ci95'][1]:.1f}, "
             f"n={r['clean_n']}) | {100 * r['robust']:.1f}% ({100 * r['robust_ci95'][0]:.1f}-"
             f"{100 * r['robust_ci95'][1]:.1f}, n={r['robust_n']}) | {r['cpu_hours']:.2f} |"
         )
@@ -98,23 +104,25 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     series: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         series.setdefault(r["series"] or r["label"], []).append(r)
-    for name, members in series.items():
-        # one colour per series: a grid's points share it and are joined in the order the spec lists them
+    for index, (name, members) in enumerate(series.items()):
+        # one style per series: a grid's points share it and are joined in the order the spec lists them
+        number = members[0]["number"]
         line = axis.errorbar(
             [r["clean"] for r in members],
             [r["robust"] for r in members],
             xerr=_error_bars(members, "clean"),
             yerr=_error_bars(members, "robust"),
-            marker="o",
+            marker=MARKERS[index // 10 % len(MARKERS)],
+            color=f"C{index % 10}",
             capsize=3,
             linestyle="-" if len(members) > 1 else "none",
             elinewidth=0.6,
-            label=textwrap.fill(name, 110),
+            label=textwrap.fill(f"{number}. {name}", 110),
         )
         for r in members:
-            if r["point"]:
+            if r["point"] or r is members[0]:
                 axis.annotate(
-                    r["point"],
+                    f"{number}: {r['point']}" if r["point"] else str(number),
                     (r["clean"], r["robust"]),
                     textcoords="offset points",
                     xytext=(4, 4),
