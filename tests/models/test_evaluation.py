@@ -19,22 +19,19 @@ from atop_models.purifiers import PURIFIERS
 from atop_models.rt import RandomTransform, RTConfig
 
 
+def save_random_purifier(stem, seed: int) -> None:
+    torch.manual_seed(seed)
+    kwargs = {"cnum": 8, "dilations": [2, 4]}
+    purifier = PURIFIERS.create("deepfillv2", **kwargs)
+    meta = {"image_size": 32, "rt": RTConfig().to_dict(), "pipeline": {"output": "full", "draws": 1}}
+    save_model(stem, purifier, "purifier", "deepfillv2", kwargs, **meta)
+
+
 @pytest.fixture(scope="module")
 def trained(synthetic_folder, trained_classifier, tmp_path_factory):
     """The trained classifier, a random-weight purifier, and the generated test images."""
     out = tmp_path_factory.mktemp("eval_models")
-    torch.manual_seed(0)
-    kwargs = {"cnum": 8, "dilations": [2, 4]}
-    save_model(
-        out / "purifier",
-        PURIFIERS.create("deepfillv2", **kwargs),
-        "purifier",
-        "deepfillv2",
-        kwargs,
-        image_size=32,
-        rt=RTConfig().to_dict(),
-        pipeline={"output": "full", "draws": 1},
-    )
+    save_random_purifier(out / "purifier", seed=0)
     (out / "cls").symlink_to(trained_classifier)
     classifier = load_model(out / "cls" / "classifier", "classifier")[0].eval()
     test = load_split(synthetic_folder, "test", 32, trained_classifier / "cache")
@@ -182,6 +179,14 @@ def test_atop_eval_writes_report_and_resumes(trained, tmp_path):
     report = (tmp_path / "eval" / "report.md").read_text()
     for png in ("examples_undefended.png", "examples_rt_atop_2.png"):
         assert f"({png})" in report and (tmp_path / "eval" / png).stat().st_size > 5000
+
+    # Resuming on other weights or other images stops instead of mixing them into the kept rows.
+    save_random_purifier(tmp_path / "other", seed=1)
+    with pytest.raises(SystemExit, match=r"rt\+atop@2\|pgd-eot.*batch 0, was measured on other checkpoints"):
+        atop_eval([a if a != str(out / "purifier") else str(tmp_path / "other") for a in args])
+    with pytest.raises(SystemExit, match=r"undefended\|pgd-eot.*batch 0, was measured on other images"):
+        atop_eval([a if a != "8" else "4" for a in args])  # --batch-size 4: other images in each batch
+    assert (tmp_path / "eval" / "progress.jsonl").read_text().splitlines() == progress
 
 
 def _row(attack_name: str, mask: str) -> dict:

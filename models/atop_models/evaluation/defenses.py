@@ -41,13 +41,12 @@ def parse(name: str) -> tuple[str, int]:
     return base, int(draws or 1)
 
 
-def build(name: str, checkpoints: Checkpoints, device: torch.device) -> tuple[nn.Module, nn.Module]:
-    """(defense, its bare classifier), both in eval mode on `device`, gradients off for their weights."""
-    base, draws = parse(name)
+def sources(name: str, checkpoints: Checkpoints) -> tuple[str, ...]:
+    """The checkpoints defense `name` is built from: the classifier, then its purifier (whose RT settings even
+    `rt` uses)."""
+    base, _ = parse(name)
     if base == "undefended":
-        classifier, _ = load_model(checkpoints.classifier, "classifier")
-        classifier = classifier.eval().to(device).requires_grad_(False)
-        return classifier, classifier
+        return (checkpoints.classifier,)
     purifier_path = {
         "rt": checkpoints.atop or checkpoints.pretrained,
         "rt+pretrained": checkpoints.pretrained,
@@ -55,7 +54,17 @@ def build(name: str, checkpoints: Checkpoints, device: torch.device) -> tuple[nn
     }[base]
     if not purifier_path:
         raise ValueError(f"defense {name!r} needs the {'--' + base.split('+')[-1]} purifier checkpoint")
-    loaded = load_defended(checkpoints.classifier, purifier_path, draws=draws)
+    return checkpoints.classifier, purifier_path
+
+
+def build(name: str, checkpoints: Checkpoints, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """(defense, its bare classifier), both in eval mode on `device`, gradients off for their weights."""
+    base, draws = parse(name)
+    if base == "undefended":
+        classifier, _ = load_model(checkpoints.classifier, "classifier")
+        classifier = classifier.eval().to(device).requires_grad_(False)
+        return classifier, classifier
+    loaded = load_defended(*sources(name, checkpoints), draws=draws)
     defense = loaded.pipeline.requires_grad_(False)
     if base == "rt":
         defense.purifier = None  # the RT-only baseline: only the purifier's RT settings are used

@@ -1,11 +1,16 @@
 """The evaluation loop: every (defense, attack, norm, epsilon) row on the same test images, batch by batch.
 
 Progress is appended to <out>/progress.jsonl after every batch, so an interrupted evaluation resumes where it
-stopped. Each batch's attack is seeded from (seed, row, batch): rerunning a row reproduces it.
+stopped, and a finished one takes new rows (another attack, defense or epsilon) beside its old ones. Each
+batch's attack is seeded from (seed, row, batch): rerunning a row reproduces it. Each record carries
+fingerprints of the weights its defense was built from and of its batch's images: resuming with other
+checkpoints, another data set or another --batch-size stops with an error instead of mixing two models' or two
+image sets' figures in one row.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zlib
 from dataclasses import dataclass, field
@@ -17,6 +22,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from atop_models.attacks import Norm
+from atop_models.checkpoint import read_config
 from atop_models.data import BatchLoader, ImageArrays, LoaderConfig
 from atop_models.evaluation import defenses, named_attacks
 from atop_models.evaluation.statistics import encode_mask, wilson95
@@ -58,6 +64,29 @@ class EvalConfig:
         specs = [named_attacks.parse(a, self.pgd_steps, self.apgd_steps, self.eot) for a in self.attacks]
         epsilons = {"linf": self.linf_epsilons, "l2": self.l2_epsilons}
         return [Row(d, s, n, e) for d in self.defenses for s in specs for n in self.norms for e in epsilons[n]]
+
+
+def _fingerprint(*parts: bytes) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()[:16]
+
+
+def _models_fingerprint(defense: str, checkpoints: defenses.Checkpoints) -> str:
+    weights = [read_config(path)["weights_sha256"] for path in defenses.sources(defense, checkpoints)]
+    return _fingerprint(*(sha.encode() for sha in weights))
+
+
+def _check_resumable(record: dict, stamp: dict[str, str], progress: Path, row: Row, batch: int) -> None:
+    """Stop when a kept record was measured on other weights or images than this run would use. Records written
+    before fingerprints were kept have none and are taken as they are."""
+    for key, what in (("models", "checkpoints"), ("images", "images (another data set, or another --batch-size)")):
+        if record.get(key, stamp[key]) != stamp[key]:
+            raise SystemExit(
+                f"{progress}: {row.key}, batch {batch}, was measured on other {what} than this run's; "
+                "give another --out (or remove that file to start over)"
+            )
 
 
 def _check_budget(x: torch.Tensor, x_adv: torch.Tensor, norm: Norm, epsilon: float, row: Row) -> None:
@@ -128,12 +157,17 @@ def evaluate(
         if row.defense not in built:
             built[row.defense] = defenses.build(row.defense, config.checkpoints, device)
         defense, classifier = built[row.defense]
+        models = _models_fingerprint(row.defense, config.checkpoints)
         clean = robust = n = 0
         masks: list[str] = []
         for batch, (x, y) in enumerate(tqdm(loader, desc=row.key, leave=False, unit="batch")):
+            stamp = {"models": models, "images": _fingerprint(x.cpu().numpy().tobytes(), y.cpu().numpy().tobytes())}
             record = done.get((row.key, batch))
-            if record is None:
+            if record is not None:
+                _check_resumable(record, stamp, progress, row, batch)
+            else:
                 record, x_adv = _attack_batch(config, row, defense, classifier, x, y, batch)
+                record |= stamp
                 with open(progress, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 grid = example_batch_file(out, row.defense)
