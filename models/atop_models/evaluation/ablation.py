@@ -101,19 +101,19 @@ def _error_bars(members: list[dict[str, Any]], key: str) -> list[list[float]]:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     figure, axis = plt.subplots(figsize=(8, 6))
-    series: dict[str, list[dict[str, Any]]] = {}
+    series: dict[int, list[dict[str, Any]]] = {}
     for r in rows:
-        series.setdefault(r["series"] or r["label"], []).append(r)
-    for index, (name, members) in enumerate(series.items()):
+        series.setdefault(r["number"], []).append(r)
+    for number, members in series.items():
         # one style per series: a grid's points share it and are joined in the order the spec lists them
-        number = members[0]["number"]
+        name = members[0]["series"] or members[0]["label"]
         line = axis.errorbar(
             [r["clean"] for r in members],
             [r["robust"] for r in members],
             xerr=_error_bars(members, "clean"),
             yerr=_error_bars(members, "robust"),
-            marker=MARKERS[index // 10 % len(MARKERS)],
-            color=f"C{index % 10}",
+            marker=MARKERS[(number - 1) // 10 % len(MARKERS)],
+            color=f"C{(number - 1) % 10}",
             capsize=3,
             linestyle="-" if len(members) > 1 else "none",
             elinewidth=0.6,

@@ -151,17 +151,19 @@ def evaluate(
     size = data.images.shape[-1]
     loader = BatchLoader(data, LoaderConfig(config.batch_size, size, shuffle=False, drop_last=False), device)
     built: dict[str, tuple] = {}
+    models: dict[str, str] = {}  # each built defense's weights fingerprint
     results = []
     rows = config.rows()
     for row in tqdm(rows, desc="rows", unit="row"):
         if row.defense not in built:
             built[row.defense] = defenses.build(row.defense, config.checkpoints, device)
+            models[row.defense] = _models_fingerprint(row.defense, config.checkpoints)
         defense, classifier = built[row.defense]
-        models = _models_fingerprint(row.defense, config.checkpoints)
         clean = robust = n = 0
         masks: list[str] = []
         for batch, (x, y) in enumerate(tqdm(loader, desc=row.key, leave=False, unit="batch")):
-            stamp = {"models": models, "images": _fingerprint(x.cpu().numpy().tobytes(), y.cpu().numpy().tobytes())}
+            images = _fingerprint(x.cpu().numpy().tobytes(), y.cpu().numpy().tobytes())
+            stamp = {"models": models[row.defense], "images": images}
             record = done.get((row.key, batch))
             if record is not None:
                 _check_resumable(record, stamp, progress, row, batch)
