@@ -1,5 +1,5 @@
-"""The served pipeline with its classifier's log-probabilities averaged with a second classifier's (v6's, from
-the repository's history), paired with the served one on the same RT draws.
+"""The served pipeline with its classifier's log-probabilities averaged with a second classifier's (v6's from
+the repository's history, or any other checkpoint), paired with the served one on the same RT draws.
 Usage: python ensemble.py SECOND_CLASSIFIER_STEM TEST_IMAGES"""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def main() -> None:
     second, _ = load_model(sys.argv[1], "classifier")
     second.eval()
     reference, _ = paired_clean(served.classifier, served, test)
-    for name, weight in [("served", 0.0), ("second at 1/2", 0.5), ("second at 1/3", 1 / 3)]:
+    for name, weight in [("served", 0.0), ("second alone", 1.0), ("second at 1/2", 0.5), ("second at 1/3", 1 / 3)]:
         report(name, *paired_clean(WeightedMean(served.classifier, second, weight), served, test), reference)
 
 

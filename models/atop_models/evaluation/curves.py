@@ -1,5 +1,8 @@
 """Training curves: per-epoch metrics of one or more runs against the training hours they had spent, so runs of
-different lengths and speeds (a 10-epoch baseline, a 69-epoch one) share one time axis.
+different lengths and speeds (a 10-epoch baseline, a 69-epoch one) share one time axis; or, with
+`--x schedule`, against the fraction of its planned epochs each run had done, so runs of one recipe at different
+lengths line up at the same point of their learning-rate schedule (and runs on machines of different speeds
+are not drawn apart by the machine).
 
   python -m atop_models.evaluation.curves runs/at-bare runs/at-eq --metrics test_accuracy \
       robust_accuracy_pgd10_eot1 --out curves.png
@@ -28,26 +31,39 @@ def read_epochs(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def series(epochs: list[dict], metric: str) -> tuple[list[float], list[float]]:
-    """(training hours at the end of each epoch, the metric's value) for the epochs that record the metric."""
-    hours, values, spent = [], [], 0.0
+def planned_epochs(run: Path) -> int:
+    """The epochs the run was started for (its config.json, written by atop-train), however many it reached."""
+    path = run / "config.json"
+    if not path.exists():
+        raise SystemExit(f"{run} has no config.json: --x schedule needs the run's planned epochs")
+    return json.loads(path.read_text())["config"]["epochs"]
+
+
+def series(epochs: list[dict], metric: str, planned: int | None = None) -> tuple[list[float], list[float]]:
+    """(x at the end of each epoch, the metric's value) for the epochs that record the metric; x is the training
+    hours spent so far, or with `planned` the fraction of the planned epochs done."""
+    xs, values, spent = [], [], 0.0
     for epoch in epochs:
         spent += epoch["train_seconds"] / 3600
         if metric in epoch:
-            hours.append(spent)
+            xs.append(epoch["epoch"] / planned if planned else spent)
             values.append(epoch[metric])
-    return hours, values
+    return xs, values
 
 
-def plot(runs: dict[str, list[dict]], metrics: list[str], out: Path) -> None:
+X_LABELS = {"hours": "training hours (sum of train_seconds)", "schedule": "fraction of the planned epochs done"}
+
+
+def plot(runs: dict[str, tuple[list[dict], int | None]], metrics: list[str], out: Path, x: str = "hours") -> None:
+    """One panel per metric; `runs` maps a name to (its epochs, its planned epochs or None for the hours axis)."""
     figure, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     for axis, metric in zip(axes[0], metrics, strict=True):
-        for name, epochs in runs.items():
-            hours, values = series(epochs, metric)
+        for name, (epochs, planned) in runs.items():
+            xs, values = series(epochs, metric, planned)
             if values:
-                axis.plot(hours, values, marker=".", label=name)
+                axis.plot(xs, values, marker=".", label=name)
         axis.set_title(metric)
-        axis.set_xlabel("training hours (sum of train_seconds)")
+        axis.set_xlabel(X_LABELS[x])
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     figure.tight_layout()
@@ -60,13 +76,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="atop-train run folders (each holds metrics.jsonl)")
     parser.add_argument("--metrics", nargs="+", required=True, help="metrics.jsonl keys to plot, one panel each")
     parser.add_argument("--out", type=Path, required=True, help="PNG to write")
+    parser.add_argument("--x", choices=sorted(X_LABELS), default="hours", help="the horizontal axis")
     args = parser.parse_args(argv)
-    runs = {run.name: read_epochs(run) for run in args.runs}
-    recorded = {key for epochs in runs.values() for epoch in epochs for key in epoch}
+    runs = {run.name: (read_epochs(run), planned_epochs(run) if args.x == "schedule" else None) for run in args.runs}
+    recorded = {key for epochs, _ in runs.values() for epoch in epochs for key in epoch}
     missing = [metric for metric in args.metrics if metric not in recorded]
     if missing:
         raise SystemExit(f"no run records {', '.join(missing)}; recorded: {', '.join(sorted(recorded))}")
-    plot(runs, args.metrics, args.out)
+    plot(runs, args.metrics, args.out, args.x)
     print(args.out)
 
 
