@@ -234,6 +234,7 @@ def test_interrupted_run_resumes_mid_epoch(synthetic_folder, tmp_path):
 
     done, per_epoch = attempt(stop_after=3, restart=True, step_seconds=4.0)  # killed in epoch 1 after 3 steps
     assert done == 3 and not (run_path / "metrics.jsonl").exists()
+    assert (run_path / "progress.safetensors").exists() and not (run_path / "state.safetensors").exists()
     done, _ = attempt(stop_after=None)
     assert done == 2 * per_epoch - 3  # resumed at batch 3 of epoch 1, not from scratch
     assert [m["epoch"] for m in metrics(run_path)] == [1, 2]
@@ -242,6 +243,7 @@ def test_interrupted_run_resumes_mid_epoch(synthetic_folder, tmp_path):
     assert metrics(run_path)[0]["train_seconds"] >= 12.0 > metrics(run_path)[1]["train_seconds"]
     done, _ = attempt(stop_after=None)
     assert done == 0  # already finished: nothing redone
+    assert not (run_path / "progress.safetensors").exists()  # dropped at each kept epoch's end
 
     # The resumed run ends exactly where an uninterrupted one does: weights, BN statistics, the Lookahead
     # average and the optimizer's momentum were all restored, not only the step count.
@@ -316,15 +318,28 @@ def test_a_diverged_run_stops_and_keeps_the_previous_epochs_classifier(synthetic
 
     options = ["--data-source", str(synthetic_folder), "--data-cache-dir", str(tmp_path / "cache")]
     options += ["--data-eval-images", "0", "--arch-kwargs", '{"widths": [8, 16, 16]}', "--batch-size", "32"]
-    with pytest.raises(SystemExit, match=r"stopped at epoch 2: clean test accuracy fell to .* rerun with --restart"):
-        main(["classifier", "--out", str(run_path), *options, "--epochs", "2", "--lr", "1e-9"])
+    options += ["--out", str(run_path), "--epochs", "2", "--lr", "1e-9", "--checkpoint-minutes", "0"]
+    halted = r"stopped at epoch 2: clean test accuracy fell to .* rerun with another --seed to go on from the end of"
+    with pytest.raises(SystemExit, match=halted + " epoch 1, the last one kept, or with --restart"):
+        main(["classifier", *options])  # saving its progress after every step of epoch 2
     last = metrics(run_path)[-1]
-    assert last["epoch"] == 2 and "below its best epoch's 100.0%" in last["halted"]
+    assert last["epoch"] == 2 and "below its best epoch's 100.0%" in last["halted"] and last["seed"] == 0
     assert (run_path / "classifier.safetensors").read_bytes() == epoch_1_weights  # the diverged epoch not kept
-    assert load_state(run.state_path)["epoch"] == 1  # nor its state: the folder still resumes from epoch 1
+    # nor its end or its progress: the folder resumes from the end of epoch 1, not from late in the bad epoch 2
+    assert not run.progress_path.exists() and (
+        load_state(run.state_path)["epoch"],
+        load_state(run.state_path)["batch"],
+    ) == (1, 0)
     task, loader = classifier_training.build(config, CPU, run_path)
-    with pytest.raises(TrainingHalted, match="epoch 2"):  # and resuming it halts again, as it should
+    with pytest.raises(TrainingHalted, match="epoch 2"):  # and resuming it as it was halts again, as it should
         fit(task, loader, run, CPU, 2, config.seed, 60.0, resume=True)
+
+    with pytest.raises(SystemExit, match=r"another config; .* a halted run may only change --seed"):
+        main(["classifier", *options[:-4], "--lr", "1e-3", "--seed", "1"])
+    with pytest.raises(SystemExit, match=halted):  # another seed goes on from epoch 1 (and halts again here)
+        main(["classifier", *options, "--seed", "1"])
+    assert [(m["epoch"], m["seed"]) for m in metrics(run_path)[-2:]] == [(2, 0), (2, 1)]
+    assert json.loads((run_path / "config.json").read_text())["config"]["seed"] == 1
 
 
 def small_run_options(folder: Path, tmp_path: Path) -> list[str]:

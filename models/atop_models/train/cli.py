@@ -1,8 +1,9 @@
 """atop-train classifier | pretrain | finetune
 
 Runs on CUDA when present, else the CPU; under `torchrun --nproc-per-node N` it trains with DDP (NCCL on
-GPUs, gloo on CPUs). Each run folder gets config.json, metrics.jsonl, a resumable state.safetensors and
-the model checkpoints; rerunning the same command resumes where it stopped.
+GPUs, gloo on CPUs). Each run folder gets config.json, metrics.jsonl, a resumable state.safetensors (and
+progress.safetensors part-way through an epoch) and the model checkpoints; rerunning the same command resumes
+where it stopped.
 """
 
 from __future__ import annotations
@@ -74,9 +75,9 @@ def main(argv: list[str] | None = None) -> None:
             history = fit(task, loader, run, runtime, config.epochs, config.seed, args.checkpoint_minutes, resume)
         except TrainingHalted as halt:
             raise SystemExit(
-                f"atop-train {args.command}: stopped at {halt} (metrics in {run.metrics_path}); "
-                "rerun with --restart and another --seed, or with --adv-kind pgd --adv-steps 2 "
-                '(docs/design.md, "Training that diverges")'
+                f"atop-train {args.command}: stopped at {halt} (metrics in {run.metrics_path}); rerun with another "
+                f"--seed to go on from the end of epoch {halt.kept_epochs}, the last one kept, or with --restart "
+                'and another --seed or --adv-kind pgd --adv-steps 2 (docs/design.md, "Training that diverges")'
             ) from halt
         if runtime.is_main and history:
             print(json.dumps(history[-1]))

@@ -2,10 +2,12 @@
 
 A task (classifier, pretrain, finetune) supplies `train_step`, `end_epoch` (evaluate, save artifacts; rank 0)
 and `state_dict` / `load_state_dict` (everything needed to continue). The loop saves the whole state every
-`checkpoint_minutes` and at each epoch's end, so an interrupted run resumes mid-epoch, at the batch it
-reached: the loader's order depends only on (seed, epoch), and the RNG is reseeded from the position. The state
-also carries the seconds the epoch had run, so `train_seconds` is the whole epoch's cost across resumes (the
-model card's CPU-hours ledger sums it).
+`checkpoint_minutes` (to the run's progress file) and at each kept epoch's end (to its state file, the progress
+file then dropped), so an interrupted run resumes mid-epoch, at the batch it reached: the loader's order depends
+only on (seed, epoch), and the RNG is reseeded from the position. An epoch the task halts is dropped whole,
+progress included, so the folder goes on from the last kept epoch (with another seed: docs/design.md, "Training
+that diverges"). The state also carries the seconds the epoch had run, so `train_seconds` is the whole epoch's
+cost across resumes (the model card's CPU-hours ledger sums it, halted epochs included: they were spent).
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ from atop_models.train.run_dir import RunDir
 
 class TrainingHalted(Exception):
     """A task stopped the run at an epoch's end: that epoch's metrics are logged (with the reason under "halted"),
-    its state is not saved, so the run folder still holds the last checkpoint before it."""
+    neither its end nor its progress is kept, so the run folder resumes from the last kept epoch's end."""
+
+    def __init__(self, message: str, kept_epochs: int) -> None:
+        super().__init__(message)
+        self.kept_epochs = kept_epochs
 
 
 class Task(Protocol):
@@ -72,15 +78,18 @@ def fit(
 ) -> list[dict[str, Any]]:
     start_epoch, start_batch, sums, seconds_before = 0, 0, {}, 0.0
     if resume:
-        state = load_state(run.state_path)
+        state = load_state(run.resume_path())
         task.load_state_dict(state["task"])
         start_epoch, start_batch, sums = state["epoch"], state["batch"], state["sums"]
         seconds_before = state.get("seconds", 0.0)  # states written before it was recorded lack it
 
     def save(epoch: int, batch: int, sums: dict[str, float], seconds: float) -> None:
+        """Part-way through an epoch (batch > 0) to the progress file; at a kept epoch's end to the state file."""
         if runtime.is_main:
             state = {"task": task.state_dict(), "epoch": epoch, "batch": batch, "sums": sums, "seconds": seconds}
-            save_state(run.state_path, state)
+            save_state(run.progress_path if batch else run.state_path, state)
+            if not batch:
+                run.progress_path.unlink(missing_ok=True)
 
     history = []
     last_save = time.monotonic()
@@ -113,6 +122,7 @@ def fit(
             "train_seconds": round(seconds, 2),
             "train_images_per_second": round(images / max(seconds, 1e-9), 1),
             "world_size": runtime.world_size,
+            "seed": seed,  # a halted run may go on with another one
             "steps_per_epoch": len(loader),
             # 0 when the ranks hold the same state, as they must; anything else means they trained apart.
             "ranks_state_spread": runtime.spread(weights_fingerprint(task.state_dict())),
@@ -121,7 +131,9 @@ def fit(
         runtime.barrier()
         run.log(metrics)
         if runtime.mean({"halted": float("halted" in metrics)})["halted"]:  # every rank stops, not only rank 0
-            raise TrainingHalted(f"epoch {epoch + 1}: {metrics.get('halted', 'halted by rank 0')}")
+            if runtime.is_main:
+                run.progress_path.unlink(missing_ok=True)  # the halted epoch's progress is not a place to go on from
+            raise TrainingHalted(f"epoch {epoch + 1}: {metrics.get('halted', 'halted by rank 0')}", epoch)
         history.append(metrics)
         start_batch, sums, seconds_before = 0, {}, 0.0
         save(epoch + 1, 0, {}, 0.0)

@@ -12,30 +12,44 @@ from atop_models.runtime import Runtime
 
 class RunDir:
     """A run's folder: config.json (what was asked), metrics.jsonl (one line per epoch), state.safetensors
-    (everything needed to resume), and the model artifacts. Only rank 0 writes."""
+    (everything needed to go on from the last epoch kept), progress.safetensors (the same, part-way through the
+    epoch after it, while one runs), and the model artifacts. Only rank 0 writes."""
 
     def __init__(self, path: str | Path, runtime: Runtime) -> None:
         self.path = Path(path)
         self.runtime = runtime
         self.state_path = self.path / "state.safetensors"
+        self.progress_path = self.path / "progress.safetensors"
         self.metrics_path = self.path / "metrics.jsonl"
 
+    def resume_path(self) -> Path:
+        """The newest state to resume from: the epoch in progress when there is one, else the last kept epoch."""
+        return self.progress_path if self.progress_path.exists() else self.state_path
+
+    def halted(self) -> bool:
+        """Whether the divergence guard stopped this run: its last logged epoch carries the reason."""
+        lines = self.metrics_path.read_text().splitlines() if self.metrics_path.exists() else []
+        return bool(lines) and "halted" in json.loads(lines[-1])
+
     def start(self, command: str, config: Any, restart: bool) -> bool:
-        """Record the config; returns whether to resume. A run folder only resumes the same config."""
-        record = {"command": command, "config": dataclasses.asdict(config)}
+        """Record the config; returns whether to resume. A run folder only resumes the same config, except
+        that a halted run may go on from its last kept epoch with another seed (other data order and attack
+        draws: docs/design.md, "Training that diverges"); each epoch's metrics name the seed it ran with."""
+        record = json.loads(json.dumps({"command": command, "config": dataclasses.asdict(config)}))
         config_path = self.path / "config.json"
-        resume = self.state_path.exists() and not restart
+        resume = self.resume_path().exists() and not restart
         if resume:
             previous = json.loads(config_path.read_text())
-            if json.loads(json.dumps(record)) != previous:
+            if record != previous and not (self.halted() and _without_seed(record) == _without_seed(previous)):
                 raise SystemExit(
                     f"{self.path} holds a run with another config; pass --restart to overwrite it or use another --out"
+                    + ("; a halted run may only change --seed" if self.halted() else "")
                 )
         if self.runtime.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
             if not resume:
-                self.metrics_path.unlink(missing_ok=True)
-                self.state_path.unlink(missing_ok=True)
+                for path in (self.metrics_path, self.state_path, self.progress_path):
+                    path.unlink(missing_ok=True)
             config_path.write_text(json.dumps(record, indent=2) + "\n")
         self.runtime.barrier()
         return resume
@@ -44,3 +58,7 @@ class RunDir:
         if self.runtime.is_main:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+
+
+def _without_seed(record: dict[str, Any]) -> dict[str, Any]:
+    return {**record, "config": {**record["config"], "seed": None}}
