@@ -326,10 +326,8 @@ def test_a_diverged_run_stops_and_keeps_the_previous_epochs_classifier(synthetic
     assert last["epoch"] == 2 and "below its best epoch's 100.0%" in last["halted"] and last["seed"] == 0
     assert (run_path / "classifier.safetensors").read_bytes() == epoch_1_weights  # the diverged epoch not kept
     # nor its end or its progress: the folder resumes from the end of epoch 1, not from late in the bad epoch 2
-    assert not run.progress_path.exists() and (
-        load_state(run.state_path)["epoch"],
-        load_state(run.state_path)["batch"],
-    ) == (1, 0)
+    state = load_state(run.state_path)
+    assert not run.progress_path.exists() and (state["epoch"], state["batch"]) == (1, 0)
     task, loader = classifier_training.build(config, CPU, run_path)
     with pytest.raises(TrainingHalted, match="epoch 2"):  # and resuming it as it was halts again, as it should
         fit(task, loader, run, CPU, 2, config.seed, 60.0, resume=True)

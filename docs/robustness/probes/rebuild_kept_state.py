@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from atop_models.checkpoint import load_model, save_state
+from atop_models.evaluation.curves import read_epochs
 from atop_models.runtime import setup_runtime
 from atop_models.train import classifier
 from atop_models.train.adversarial import AdversarialConfig
@@ -31,7 +32,7 @@ def main() -> None:
     config = classifier.ClassifierConfig(
         **{**recorded, "data": DataConfig(**recorded["data"]), "adv": AdversarialConfig(**recorded["adv"])}
     )
-    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    epochs = read_epochs(run)
     kept, meta = load_model(run / "classifier", "classifier")
     kept_epoch = meta["metrics"]["epoch"]
     assert "halted" in epochs[-1] and epochs[-1]["epoch"] == kept_epoch + 1, "not a run halted after its kept epoch"

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from atop_models.checkpoint import load_state, save_state
+from atop_models.checkpoint import load_state
 from atop_models.data import BatchLoader
 from atop_models.runtime import Runtime, seed_everything
 from atop_models.train.run_dir import RunDir
@@ -84,12 +84,8 @@ def fit(
         seconds_before = state.get("seconds", 0.0)  # states written before it was recorded lack it
 
     def save(epoch: int, batch: int, sums: dict[str, float], seconds: float) -> None:
-        """Part-way through an epoch (batch > 0) to the progress file; at a kept epoch's end to the state file."""
         if runtime.is_main:
-            state = {"task": task.state_dict(), "epoch": epoch, "batch": batch, "sums": sums, "seconds": seconds}
-            save_state(run.progress_path if batch else run.state_path, state)
-            if not batch:
-                run.progress_path.unlink(missing_ok=True)
+            run.save({"task": task.state_dict(), "epoch": epoch, "batch": batch, "sums": sums, "seconds": seconds})
 
     history = []
     last_save = time.monotonic()
@@ -132,7 +128,7 @@ def fit(
         run.log(metrics)
         if runtime.mean({"halted": float("halted" in metrics)})["halted"]:  # every rank stops, not only rank 0
             if runtime.is_main:
-                run.progress_path.unlink(missing_ok=True)  # the halted epoch's progress is not a place to go on from
+                run.drop_progress()
             raise TrainingHalted(f"epoch {epoch + 1}: {metrics.get('halted', 'halted by rank 0')}", epoch)
         history.append(metrics)
         start_batch, sums, seconds_before = 0, {}, 0.0

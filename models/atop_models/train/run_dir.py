@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from atop_models.checkpoint import save_state
 from atop_models.runtime import Runtime
 
 
@@ -39,11 +40,11 @@ class RunDir:
         config_path = self.path / "config.json"
         resume = self.resume_path().exists() and not restart
         if resume:
-            previous = json.loads(config_path.read_text())
-            if record != previous and not (self.halted() and _without_seed(record) == _without_seed(previous)):
+            previous, halted = json.loads(config_path.read_text()), self.halted()
+            if record != previous and not (halted and _without_seed(record) == _without_seed(previous)):
                 raise SystemExit(
                     f"{self.path} holds a run with another config; pass --restart to overwrite it or use another --out"
-                    + ("; a halted run may only change --seed" if self.halted() else "")
+                    + ("; a halted run may only change --seed" if halted else "")
                 )
         if self.runtime.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -53,6 +54,19 @@ class RunDir:
             config_path.write_text(json.dumps(record, indent=2) + "\n")
         self.runtime.barrier()
         return resume
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Rank 0's resumable state: at a kept epoch's end (batch 0) to the state file, the progress file then
+        dropped; part-way through an epoch to the progress file."""
+        if state["batch"]:
+            save_state(self.progress_path, state)
+        else:
+            save_state(self.state_path, state)
+            self.drop_progress()
+
+    def drop_progress(self) -> None:
+        """Forget the epoch in progress (kept, or halted: not a place to go on from); rank 0 calls it."""
+        self.progress_path.unlink(missing_ok=True)
 
     def log(self, metrics: dict[str, Any]) -> None:
         if self.runtime.is_main:
