@@ -319,7 +319,8 @@ def test_a_diverged_run_stops_and_keeps_the_previous_epochs_classifier(synthetic
     options = ["--data-source", str(synthetic_folder), "--data-cache-dir", str(tmp_path / "cache")]
     options += ["--data-eval-images", "0", "--arch-kwargs", '{"widths": [8, 16, 16]}', "--batch-size", "32"]
     options += ["--out", str(run_path), "--epochs", "2", "--lr", "1e-9", "--checkpoint-minutes", "0"]
-    halted = r"stopped at epoch 2: clean test accuracy fell to .* rerun with another --seed to go on from the end of"
+    halted = r"stopped at epoch 2: clean test accuracy fell to .* rerun with another --seed or a stronger training "
+    halted += r"attack \(more --adv-steps, its --adv-step-size\) to go on from the end of"
     with pytest.raises(SystemExit, match=halted + " epoch 1, the last one kept, or with --restart"):
         main(["classifier", *options])  # saving its progress after every step of epoch 2
     last = metrics(run_path)[-1]
@@ -332,12 +333,17 @@ def test_a_diverged_run_stops_and_keeps_the_previous_epochs_classifier(synthetic
     with pytest.raises(TrainingHalted, match="epoch 2"):  # and resuming it as it was halts again, as it should
         fit(task, loader, run, CPU, 2, config.seed, 60.0, resume=True)
 
-    with pytest.raises(SystemExit, match=r"another config; .* a halted run may only change --seed"):
+    refused = r"another config; .* a halted run may only change --seed, --adv-steps, --adv-step-size"
+    with pytest.raises(SystemExit, match=refused):
         main(["classifier", *options[:-4], "--lr", "1e-3", "--seed", "1"])
     with pytest.raises(SystemExit, match=halted):  # another seed goes on from epoch 1 (and halts again here)
         main(["classifier", *options, "--seed", "1"])
-    assert [(m["epoch"], m["seed"]) for m in metrics(run_path)[-2:]] == [(2, 0), (2, 1)]
-    assert json.loads((run_path / "config.json").read_text())["config"]["seed"] == 1
+    with pytest.raises(SystemExit, match=halted):  # so does a stronger training attack
+        main(["classifier", *options, "--seed", "1", "--adv-steps", "3", "--adv-step-size", "0.02"])
+    # each epoch's line names the seed and attack strength it ran with; config.json holds the latest
+    ran_with = [(m["epoch"], m["seed"], m["adv_steps"], m["adv_step_size"]) for m in metrics(run_path)[-3:]]
+    assert ran_with == [(2, 0, 2, 5 / 255), (2, 1, 2, 5 / 255), (2, 1, 3, 0.02)]
+    assert json.loads((run_path / "config.json").read_text())["config"]["adv"]["steps"] == 3
 
 
 def small_run_options(folder: Path, tmp_path: Path) -> list[str]:

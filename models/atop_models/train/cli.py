@@ -76,8 +76,9 @@ def main(argv: list[str] | None = None) -> None:
         except TrainingHalted as halt:
             raise SystemExit(
                 f"atop-train {args.command}: stopped at {halt} (metrics in {run.metrics_path}); rerun with another "
-                f"--seed to go on from the end of epoch {halt.kept_epochs}, the last one kept, or with --restart "
-                'and another --seed or --adv-kind pgd --adv-steps 2 (docs/design.md, "Training that diverges")'
+                "--seed or a stronger training attack (more --adv-steps, its --adv-step-size) to go on from the end "
+                f"of epoch {halt.kept_epochs}, the last one kept, or with --restart and another --seed or --adv-kind "
+                'pgd --adv-steps 2 (docs/design.md, "Training that diverges")'
             ) from halt
         if runtime.is_main and history:
             print(json.dumps(history[-1]))

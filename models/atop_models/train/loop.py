@@ -5,9 +5,10 @@ and `state_dict` / `load_state_dict` (everything needed to continue). The loop s
 `checkpoint_minutes` (to the run's progress file) and at each kept epoch's end (to its state file, the progress
 file then dropped), so an interrupted run resumes mid-epoch, at the batch it reached: the loader's order depends
 only on (seed, epoch), and the RNG is reseeded from the position. An epoch the task halts is dropped whole,
-progress included, so the folder goes on from the last kept epoch (with another seed: docs/design.md, "Training
-that diverges"). The state also carries the seconds the epoch had run, so `train_seconds` is the whole epoch's
-cost across resumes (the model card's CPU-hours ledger sums it, halted epochs included: they were spent).
+progress included, so the folder goes on from the last kept epoch (with another seed or a stronger training attack:
+docs/design.md, "Training that diverges"). The state also carries the seconds the epoch had run, so
+`train_seconds` is the whole epoch's cost across resumes (the model card's CPU-hours ledger sums it, halted
+epochs included: they were spent).
 """
 
 from __future__ import annotations
@@ -118,7 +119,6 @@ def fit(
             "train_seconds": round(seconds, 2),
             "train_images_per_second": round(images / max(seconds, 1e-9), 1),
             "world_size": runtime.world_size,
-            "seed": seed,  # a halted run may go on with another one
             "steps_per_epoch": len(loader),
             # 0 when the ranks hold the same state, as they must; anything else means they trained apart.
             "ranks_state_spread": runtime.spread(weights_fingerprint(task.state_dict())),

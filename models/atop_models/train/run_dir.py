@@ -22,6 +22,7 @@ class RunDir:
         self.state_path = self.path / "state.safetensors"
         self.progress_path = self.path / "progress.safetensors"
         self.metrics_path = self.path / "metrics.jsonl"
+        self.varying: dict[str, Any] = {}  # set by start(): the config values each metrics line names
 
     def resume_path(self) -> Path:
         """The newest state to resume from: the epoch in progress when there is one, else the last kept epoch."""
@@ -34,18 +35,19 @@ class RunDir:
 
     def start(self, command: str, config: Any, restart: bool) -> bool:
         """Record the config; returns whether to resume. A run folder only resumes the same config, except
-        that a halted run may go on from its last kept epoch with another seed (other data order and attack
-        draws: docs/design.md, "Training that diverges"); each epoch's metrics name the seed it ran with."""
+        that a halted run may go on from its last kept epoch with another seed or training attack strength
+        (`MAY_CHANGE_AFTER_HALT`); each epoch's metrics line names the values it ran with."""
         record = json.loads(json.dumps({"command": command, "config": dataclasses.asdict(config)}))
         config_path = self.path / "config.json"
         resume = self.resume_path().exists() and not restart
         if resume:
             previous, halted = json.loads(config_path.read_text()), self.halted()
-            if record != previous and not (halted and _without_seed(record) == _without_seed(previous)):
+            if record != previous and not (halted and _fixed_part(record) == _fixed_part(previous)):
                 raise SystemExit(
                     f"{self.path} holds a run with another config; pass --restart to overwrite it or use another --out"
-                    + ("; a halted run may only change --seed" if halted else "")
+                    + (f"; a halted run may only change {', '.join(_flags())}" if halted else "")
                 )
+        self.varying = _varying_part(record)
         if self.runtime.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
             if not resume:
@@ -69,10 +71,42 @@ class RunDir:
         self.progress_path.unlink(missing_ok=True)
 
     def log(self, metrics: dict[str, Any]) -> None:
+        """Append an epoch's metrics, with the values of the settings a halted run may have changed since."""
         if self.runtime.is_main:
             with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
+                f.write(json.dumps(metrics | self.varying) + "\n")
 
 
-def _without_seed(record: dict[str, Any]) -> dict[str, Any]:
-    return {**record, "config": {**record["config"], "seed": None}}
+# What a halted run may change when it goes on from its last kept epoch (docs/design.md, "Training that
+# diverges"): the seed (another data order and other attack draws) and the training attack's strength (PGD with
+# more steps: catastrophic overfitting is a failure of weak attacks). Paths into the config; not every command's
+# config has all of them.
+MAY_CHANGE_AFTER_HALT = (("seed",), ("adv", "steps"), ("adv", "step_size"))
+
+
+def _flags() -> list[str]:
+    return ["--" + "-".join(path).replace("_", "-") for path in MAY_CHANGE_AFTER_HALT]
+
+
+def _varying_part(record: dict[str, Any]) -> dict[str, Any]:
+    """{"seed": 2, "adv_steps": 3, ...}: the config's values at MAY_CHANGE_AFTER_HALT's paths that it has."""
+    varying = {}
+    for path in MAY_CHANGE_AFTER_HALT:
+        node = record["config"]
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if node is not None:
+            varying["_".join(path)] = node
+    return varying
+
+
+def _fixed_part(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with the values a halted run may change blanked out."""
+    fixed = json.loads(json.dumps(record))
+    for path in MAY_CHANGE_AFTER_HALT:
+        node = fixed["config"]
+        for key in path[:-1]:
+            node = node.get(key, {})
+        if path[-1] in node:
+            node[path[-1]] = None
+    return fixed
