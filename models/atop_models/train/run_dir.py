@@ -88,15 +88,21 @@ def _flags() -> list[str]:
     return ["--" + "-".join(path).replace("_", "-") for path in MAY_CHANGE_AFTER_HALT]
 
 
+def _holder(config: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any] | None:
+    """The dict in the config that holds path's last key, or None where the config has no such path."""
+    node: Any = config
+    for key in path[:-1]:
+        node = node.get(key) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) and path[-1] in node else None
+
+
 def _varying_part(record: dict[str, Any]) -> dict[str, Any]:
     """{"seed": 2, "adv_steps": 3, ...}: the config's values at MAY_CHANGE_AFTER_HALT's paths that it has."""
     varying = {}
     for path in MAY_CHANGE_AFTER_HALT:
-        node = record["config"]
-        for key in path:
-            node = node.get(key) if isinstance(node, dict) else None
-        if node is not None:
-            varying["_".join(path)] = node
+        holder = _holder(record["config"], path)
+        if holder is not None and holder[path[-1]] is not None:
+            varying["_".join(path)] = holder[path[-1]]
     return varying
 
 
@@ -104,9 +110,7 @@ def _fixed_part(record: dict[str, Any]) -> dict[str, Any]:
     """The record with the values a halted run may change blanked out."""
     fixed = json.loads(json.dumps(record))
     for path in MAY_CHANGE_AFTER_HALT:
-        node = fixed["config"]
-        for key in path[:-1]:
-            node = node.get(key, {})
-        if path[-1] in node:
-            node[path[-1]] = None
+        holder = _holder(fixed["config"], path)
+        if holder is not None:
+            holder[path[-1]] = None
     return fixed
