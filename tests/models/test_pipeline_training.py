@@ -125,11 +125,12 @@ def test_classifier_trains_on_adversarial_examples(synthetic_folder, tmp_path):
 
 
 def test_classifier_epochs_report_a_pgd_check_that_bites(synthetic_folder, tmp_path):
-    """The per-epoch check attacks the classifier it reports on: at a radius that can repaint the image, PGD
-    leaves (almost) nothing of the clean accuracy, and the figure lands in the metrics and the checkpoint."""
+    """The per-epoch check attacks the classifier it reports on at --eval-epsilon, whatever the training attack's
+    radius (0 here): at a radius that can repaint the image, PGD leaves (almost) nothing of the clean accuracy,
+    and the figure lands in the metrics and the checkpoint."""
     out = tmp_path / "checked"
     data = ["--data-source", str(synthetic_folder), "--data-cache-dir", str(tmp_path / "cache")]
-    check = ["--adv-epsilon", "0.5", "--eval-robust-images", "16", "--eval-attack-steps", "5"]
+    check = ["--adv-epsilon", "0", "--eval-epsilon", "0.5", "--eval-robust-images", "16", "--eval-attack-steps", "5"]
     main(
         [
             "classifier",
@@ -151,6 +152,7 @@ def test_classifier_epochs_report_a_pgd_check_that_bites(synthetic_folder, tmp_p
     assert last["test_accuracy"] >= 0.75 and last["robust_accuracy_pgd5_eot1"] <= 0.25
     record = json.loads((out / "classifier.json").read_text())
     assert record["metrics"]["robust_accuracy_pgd5_eot1"] == last["robust_accuracy_pgd5_eot1"]
+    assert record["recipe"]["eval_epsilon"] == 0.5 and record["recipe"]["adv"]["epsilon"] == 0
 
 
 def test_cli_pipeline_stage_writes_a_pair_with_its_rt(synthetic_folder, trained_classifier, tiny_purifier, tmp_path):

@@ -23,7 +23,9 @@ class AdversarialConfig:
         "training inputs: clean; N-FGSM (one gradient per image, no catastrophic overfitting at 8/255); "
         "or PGD with --adv-steps",
     )
-    epsilon: float = help_field(8 / 255, "l_inf radius on the [0,1] scale (the evaluation's threat model)")
+    epsilon: float = help_field(
+        8 / 255, "l_inf radius of the training attack on the [0,1] scale (8/255: the threat model; less: more clean)"
+    )
     steps: int = help_field(2, "PGD steps (pgd only)")
     step_size: float = help_field(5 / 255, "PGD step on the [0,1] scale (pgd only; 2.5 epsilon / steps)")
     eot: int = help_field(1, "random draws averaged per gradient (fresh RT draws; 1: each step sees a new one)")

@@ -24,6 +24,7 @@ from atop_models.train.common import (
     DataConfig,
     DivergenceGuard,
     collapse_drop_field,
+    eval_epsilon_field,
     leak_check_field,
     pgd_check,
 )
@@ -72,10 +73,11 @@ class ClassifierConfig:
     adv: AdversarialConfig = dataclasses.field(default_factory=AdversarialConfig)
     eval_robust_images: int = help_field(
         0,
-        "test images attacked with PGD (at the adversarial training's epsilon) after each epoch; 0: none. "
+        "test images attacked with PGD (at --eval-epsilon) after each epoch; 0: none. "
         "Long adversarial runs can lose robustness late while clean accuracy still rises (robust overfitting)",
     )
     eval_attack_steps: int = help_field(10, "steps of that check's PGD (step 2.5 epsilon / steps)")
+    eval_epsilon: float = eval_epsilon_field()
     leak_check_images: int = leak_check_field()
     collapse_drop: float = collapse_drop_field()
     seed: int = help_field(0, "seeds data order, init and augmentation")
@@ -209,7 +211,7 @@ class ClassifierTask:
                 device,
                 config.image_size,
                 images=config.eval_robust_images,
-                epsilon=config.adv.epsilon,
+                epsilon=config.eval_epsilon,
                 steps=config.eval_attack_steps,
                 eot=1,  # the classifier alone is deterministic
             )

@@ -40,6 +40,13 @@ def leak_check_field() -> Any:
     )
 
 
+def eval_epsilon_field() -> Any:
+    """The `--eval-epsilon` option of every training command with a per-epoch robustness check: the check stays at
+    the evaluation's threat model when the training attack's radius is another (a smaller one trades robust
+    accuracy for clean, and the check has to show what it gave up at the radius users are attacked with)."""
+    return help_field(8 / 255, "l_inf radius of the per-epoch robustness check on the [0,1] scale (threat model)")
+
+
 def collapse_drop_field() -> Any:
     """The `--collapse-drop` option of every training command that trains a classifier."""
     return help_field(
