@@ -19,15 +19,9 @@ from atop_models.classifiers import CLASSIFIERS
 from atop_models.data import BatchLoader, ImageArrays, LoaderConfig
 from atop_models.evaluation.statistics import accuracy
 from atop_models.runtime import Runtime
+from atop_models.train import common
 from atop_models.train.adversarial import AdversarialConfig
-from atop_models.train.common import (
-    DataConfig,
-    DivergenceGuard,
-    collapse_drop_field,
-    eval_epsilon_field,
-    leak_check_field,
-    pgd_check,
-)
+from atop_models.train.common import DataConfig, DivergenceGuard, pgd_check
 from atop_models.train.options import help_field
 
 
@@ -77,9 +71,9 @@ class ClassifierConfig:
         "Long adversarial runs can lose robustness late while clean accuracy still rises (robust overfitting)",
     )
     eval_attack_steps: int = help_field(10, "steps of that check's PGD (step 2.5 epsilon / steps)")
-    eval_epsilon: float = eval_epsilon_field()
-    leak_check_images: int = leak_check_field()
-    collapse_drop: float = collapse_drop_field()
+    eval_epsilon: float = common.eval_epsilon_field()
+    leak_check_images: int = common.leak_check_field()
+    collapse_drop: float = common.collapse_drop_field()
     seed: int = help_field(0, "seeds data order, init and augmentation")
 
 

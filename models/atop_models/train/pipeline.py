@@ -25,16 +25,10 @@ from atop_models.evaluation.statistics import accuracy
 from atop_models.pipeline import PipelineConfig, compose
 from atop_models.rt import RTConfig
 from atop_models.runtime import Runtime
+from atop_models.train import common
 from atop_models.train.adversarial import AdversarialConfig
 from atop_models.train.classifier import airbench_sgd, triangle
-from atop_models.train.common import (
-    DataConfig,
-    DivergenceGuard,
-    collapse_drop_field,
-    eval_epsilon_field,
-    leak_check_field,
-    pgd_check,
-)
+from atop_models.train.common import DataConfig, DivergenceGuard, pgd_check
 from atop_models.train.options import help_field
 from atop_models.train.purifier import l1_loss
 
@@ -70,9 +64,9 @@ class PipelineTrainConfig:
     eval_robust_images: int = help_field(64, "test images attacked (PGD-EOT through the pipeline) after each epoch")
     eval_attack_steps: int = help_field(10, "steps of that check's PGD (step 2.5 epsilon / steps)")
     eval_attack_eot: int = help_field(2, "RT draws per gradient in that check")
-    eval_epsilon: float = eval_epsilon_field()
-    leak_check_images: int = leak_check_field()
-    collapse_drop: float = collapse_drop_field()
+    eval_epsilon: float = common.eval_epsilon_field()
+    leak_check_images: int = common.leak_check_field()
+    collapse_drop: float = common.collapse_drop_field()
     seed: int = help_field(0, "seeds data order, RT draws and attacks")
 
 
