@@ -300,7 +300,11 @@ def main(argv: list[str] | None = None) -> None:
         server.close()
         print(f"atop-serve: error: {error} (--model-repository, --models)", file=sys.stderr)
         sys.exit(1)
-    stopping.wait()
+    # Timed, in a loop: CPython runs signal handlers only in the main thread, between bytecodes. A SIGTERM that
+    # the kernel hands to one of grpc's or onnxruntime's threads does not interrupt an untimed wait, so the handler
+    # would never run and the server would ignore it (seen once under load: no "stopping" after 180 s).
+    while not stopping.wait(timeout=0.5):
+        continue
     server.stop()
 
 
