@@ -12,8 +12,8 @@
 #               candidate to serve
 # Evaluation of each finished classifier behind the served RT and purifier (models/zoo/purifier): clean on all
 # 10,000, PGD-EOT 20 x 4 on the 512, the classifier served bare under PGD-20 + AutoAttack-rand on the 512, the
-# worst case of PGD-EOT + AutoAttack-rand on the 128; and the served model's (v8's) attacks that take this
-# project's CPU hours: the full-strength pair on the 64 and the quick pair on all 512.
+# worst case of PGD-EOT + AutoAttack-rand on the 128; and the served model's (v8's) full-strength pair
+# (PGD-200 x EOT-20, AutoAttack-rand 100 x 20) on 128 images, twice the 64 the CPU measured.
 # Needs: the repository root as working directory, .data/cifar10-jpg.tar.gz and .whl/ (torchattacks) carried.
 # Writes $OUT/log.txt and $OUT/results.tar.part-* (cat them into one tar; state files are left out).
 # TINY=1 runs the same plan on the CPU on a few images: a check of this script, not of the models.
@@ -29,9 +29,9 @@ export OMP_NUM_THREADS=2 TQDM_MININTERVAL=30 PYTHONUNBUFFERED=1
 DATA="--data-source .data/cifar10-jpg.tar.gz --data-cache-dir /tmp/cache"
 if [ "$TINY" = 1 ]; then
     DEVICE=cpu SMALL="--data-train-images 600 --data-eval-images 100 --eval-robust-images 16 --leak-check-images 16"
-    CLEAN_IMAGES="--images 50" IMG512=16 IMG128=8 IMG64=4 EPOCHS15=1 EPOCHS30=1 FULL_STEPS=2 FULL_EOT=2
+    CLEAN_IMAGES="--images 50" IMG512=16 IMG128=8 EPOCHS15=1 EPOCHS30=1 FULL_STEPS=2 FULL_EOT=2
 else
-    DEVICE=cuda SMALL="" CLEAN_IMAGES="" IMG512=512 IMG128=128 IMG64=64 EPOCHS15=15 EPOCHS30=30 FULL_STEPS=200
+    DEVICE=cuda SMALL="" CLEAN_IMAGES="" IMG512=512 IMG128=128 EPOCHS15=15 EPOCHS30=30 FULL_STEPS=200
     FULL_EOT=20
 fi
 
@@ -45,37 +45,38 @@ train() {
     eps=$(python3 -c "print($3 / 255)")
     step=$(python3 -c "print($5 / 255)")
     stamp "train $1: widths $2, PGD-$4 at $3/255 (steps of $5/255), $6 epochs"
-    timeout "$(left "$TRAIN_DEADLINE")" $PY -m atop_models.train.cli classifier --out "$W/$1" --device $DEVICE \
-        $DATA $SMALL --arch airbench --arch-kwargs "{\"flip_average\": true, \"widths\": $2}" --epochs "$6" --lr "$7" \
-        --adv-kind pgd --adv-epsilon "$eps" --adv-steps "$4" --adv-step-size "$step" --seed 1 \
-        >"$W/$1.train.log" 2>&1
+    boxed "$TRAIN_DEADLINE" "$W/$1.train.log" atop_models.train.cli classifier --out "$W/$1" $SMALL \
+        --arch airbench --arch-kwargs "{\"flip_average\": true, \"widths\": $2}" --epochs "$6" --lr "$7" \
+        --adv-kind pgd --adv-epsilon "$eps" --adv-steps "$4" --adv-step-size "$step" --seed 1
+}
+
+# $1 deadline (s after start), $2 log file, then a python module and its arguments (device and data appended):
+# run it time-boxed to the deadline, or skip it when under 10 s are left
+boxed() {
+    local budget log=$2 module=$3
+    budget=$(left "$1")
+    shift 3
+    [ "$budget" -gt 10 ] || { stamp "skip $log (deadline)"; return 1; }
+    mkdir -p "$(dirname "$log")"
+    timeout "$budget" $PY -m "$module" "$@" --device $DEVICE $DATA >"$log" 2>&1
     local rc=$?
-    stamp "train $1 exited $rc"
+    stamp "$log: exited $rc"
     return $rc
 }
 
-# $1 output folder, then atop-eval's options; skipped once the deadline is near
+# $1 output folder, then atop-eval's options
 attack() {
-    local out=$1 budget
+    local out=$1
     shift
-    budget=$(left "$DEADLINE")
-    [ "$budget" -gt 10 ] || { stamp "skip $out (deadline)"; return 1; }
-    mkdir -p "$(dirname "$out")"
-    timeout "$budget" $PY -m atop_models.evaluation.cli --out "$out" --device $DEVICE $DATA \
-        --norms linf --linf-epsilons 8/255 --seed 0 "$@" >"$out.log" 2>&1
-    stamp "attack $out exited $?"
+    boxed "$DEADLINE" "$out.log" atop_models.evaluation.cli --out "$out" --norms linf --linf-epsilons 8/255 \
+        --seed 0 "$@"
 }
 
 # $1 run name: the evaluations of a trained classifier, most needed first
 evaluate() {
-    local c=$W/$1/classifier e=$W/$1/eval budget
-    mkdir -p "$e"
-    budget=$(left "$DEADLINE")
-    [ "$budget" -gt 10 ] || { stamp "skip evaluating $1 (deadline)"; return 1; }
-    timeout "$budget" $PY -m atop_models.evaluation.clean --classifier "$c" --atop models/zoo/purifier \
-        --defenses undefended rt+atop --device $DEVICE $DATA $CLEAN_IMAGES --out "$e/clean-10000.json" \
-        >"$e/clean.log" 2>&1
-    stamp "clean $1 exited $?"
+    local c=$W/$1/classifier e=$W/$1/eval
+    boxed "$DEADLINE" "$e/clean.log" atop_models.evaluation.clean --classifier "$c" --atop models/zoo/purifier \
+        --defenses undefended rt+atop $CLEAN_IMAGES --out "$e/clean-10000.json"
     attack "$e/pipe-512" --classifier "$c" --atop models/zoo/purifier --defenses rt+atop --images $IMG512 \
         --attacks pgd-eot --pgd-steps 20 --eot 4
     attack "$e/bare-512" --classifier "$c" --defenses undefended --images $IMG512 \
@@ -124,11 +125,9 @@ for split in ('train', 'test'):
     launch train w96-e8-15 "[96, 384, 384]" 8 2 5 $EPOCHS15 1.173913
     launch train w96-e6-15 "[96, 384, 384]" 6 2 3.75 $EPOCHS15 1.173913
     launch train w96-e6-30 "[96, 384, 384]" 6 3 5 $EPOCHS30 1.173913
-    V8="--classifier models/zoo/classifier --atop models/zoo/purifier --defenses rt+atop"
-    launch attack "$W/v8/full-64" $V8 --images $IMG64 --batch-size 64 --attacks pgd-eot autoattack-rand \
+    launch attack "$W/v8/full-128" --classifier models/zoo/classifier --atop models/zoo/purifier \
+        --defenses rt+atop --images $IMG128 --batch-size 64 --attacks pgd-eot autoattack-rand \
         --pgd-steps $FULL_STEPS --apgd-steps $((FULL_STEPS / 2)) --eot $FULL_EOT
-    launch attack "$W/v8/worst-case-512" $V8 --images $IMG512 --attacks pgd-eot autoattack-rand --pgd-steps 20 \
-        --apgd-steps 20 --eot 4
     sleep 5
     while running && [ "$(left "$PACK_AT")" -gt 0 ]; do
         sleep 20
