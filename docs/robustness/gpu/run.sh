@@ -4,12 +4,14 @@
 # two calls of the device tool while the machine stays warm:
 #   bash docs/robustness/gpu/run.sh start     # set up, launch every job, pack what finished by PACK_AT s, return
 #   bash docs/robustness/gpu/run.sh collect   # the next call: wait for the jobs (or the deadlines), pack all
-# Training (the classifier stage at row 7's settings, seed 1, unless named):
-#   w64-e6-15   airbench's widths, PGD-2 at 6/255 (steps of 3.75/255), 15 epochs: the training radius lever
-#   w96-e8-15   widths (96, 384, 384), PGD-2 at 8/255, 15 epochs: the width lever (row 7 is the reference)
-#   w96-e6-15   both levers
-#   w96-e6-30   both at 30 epochs, PGD-3 (steps of 5/255; PGD-2 leaked at 30 epochs at airbench's widths): a
-#               candidate to serve
+# Training (the classifier stage at row 7's settings at 8/255, seed 1, unless named). On the CPU the wide net
+# (96, 384, 384) under PGD-2 leaked the label in its first epochs at lr 1.5 and at 1.17 alike (test accuracy at
+# chance in eval mode, 80% on its own training attack in epoch 2): catastrophic overfitting, whose remedies are a
+# stronger training attack and a lower lr (docs/robustness.md, the width lever). So:
+#   w64-p3-15   airbench's widths, PGD-3 (steps of 2.5 epsilon / 3, v8's last epochs), 15 epochs: the reference
+#   w96-p3-15   the wide net, PGD-3, lr 1.17 (airbench96's ratio): the width lever against w64-p3-15
+#   w96-p2-15   the wide net, PGD-2 (row 7's attack) at lr 0.75: does the lower lr alone keep it from leaking?
+#   w96-p3-30   the wide net, PGD-3, 30 epochs: a candidate to serve
 # Evaluation of each finished classifier behind the served RT and purifier (models/zoo/purifier): clean on all
 # 10,000, PGD-EOT 20 x 4 on the 512, the classifier served bare under PGD-20 + AutoAttack-rand on the 512, the
 # worst case of PGD-EOT + AutoAttack-rand on the 128; and the served model's (v8's) full-strength pair
@@ -118,13 +120,11 @@ from atop_models.data import load_split
 for split in ('train', 'test'):
     print(split, len(load_split('.data/cifar10-jpg.tar.gz', split, 32, '/tmp/cache', workers=16)))" || exit 1
     launch() { setsid nohup bash docs/robustness/gpu/run.sh job "$@" >>"$W/jobs.log" 2>&1 & }
-    # PGD-2 steps are 0.625 epsilon (row 7: 5/255 at 8/255); PGD-3 steps 2.5 epsilon / 3 (v8's last epochs)
-    # The wide net takes airbench96's lr ratio (9.0 / 11.5 of airbench94's): at row 7's 1.5 its PGD-2 run on
-    # the CPU collapsed in epoch 1 (test accuracy 10.0%, halted by the divergence guard).
-    launch train w64-e6-15 "[64, 256, 256]" 6 2 3.75 $EPOCHS15 1.5
-    launch train w96-e8-15 "[96, 384, 384]" 8 2 5 $EPOCHS15 1.173913
-    launch train w96-e6-15 "[96, 384, 384]" 6 2 3.75 $EPOCHS15 1.173913
-    launch train w96-e6-30 "[96, 384, 384]" 6 3 5 $EPOCHS30 1.173913
+    # PGD-2 steps are 0.625 epsilon (row 7: 5/255), PGD-3 steps 2.5 epsilon / 3 (v8's last epochs: 6.67/255)
+    launch train w64-p3-15 "[64, 256, 256]" 8 3 6.6667 $EPOCHS15 1.5
+    launch train w96-p3-15 "[96, 384, 384]" 8 3 6.6667 $EPOCHS15 1.173913
+    launch train w96-p2-15 "[96, 384, 384]" 8 2 5 $EPOCHS15 0.75
+    launch train w96-p3-30 "[96, 384, 384]" 8 3 6.6667 $EPOCHS30 1.173913
     launch attack "$W/v8/full-128" --classifier models/zoo/classifier --atop models/zoo/purifier \
         --defenses rt+atop --images $IMG128 --batch-size 64 --attacks pgd-eot autoattack-rand \
         --pgd-steps $FULL_STEPS --apgd-steps $((FULL_STEPS / 2)) --eot $FULL_EOT
