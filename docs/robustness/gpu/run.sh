@@ -121,6 +121,9 @@ for split in ('train', 'test'):
     print(split, len(load_split('.data/cifar10-jpg.tar.gz', split, 32, '/tmp/cache', workers=16)))" || exit 1
     launch() { setsid nohup bash docs/robustness/gpu/run.sh job "$@" >>"$W/jobs.log" 2>&1 & }
     # PGD-2 steps are 0.625 epsilon (row 7: 5/255), PGD-3 steps 2.5 epsilon / 3 (v8's last epochs: 6.67/255)
+    if [ "${PLAN:-1}" = 2 ]; then  # the second call: PGD-4 (steps of 5/255) against w96-p3-30's late leaking
+        launch train w96-p4-30 "[96, 384, 384]" 8 4 5 $EPOCHS30 1.173913
+    else
     launch train w64-p3-15 "[64, 256, 256]" 8 3 6.6667 $EPOCHS15 1.5
     launch train w96-p3-15 "[96, 384, 384]" 8 3 6.6667 $EPOCHS15 1.173913
     launch train w96-p2-15 "[96, 384, 384]" 8 2 5 $EPOCHS15 0.75
@@ -128,6 +131,7 @@ for split in ('train', 'test'):
     launch attack "$W/v8/full-128" --classifier models/zoo/classifier --atop models/zoo/purifier \
         --defenses rt+atop --images $IMG128 --batch-size 64 --attacks pgd-eot autoattack-rand \
         --pgd-steps $FULL_STEPS --apgd-steps $((FULL_STEPS / 2)) --eot $FULL_EOT
+    fi
     sleep 5
     while running && [ "$(left "$PACK_AT")" -gt 0 ]; do
         sleep 20
