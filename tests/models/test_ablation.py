@@ -32,6 +32,8 @@ def test_ablation_table_and_plot(tmp_path):
             },
             {"label": "given", "clean": "clean.json", "results": "results.json", "defense": "rt+atop", "cpu_hours": 2},
             {"label": "grid a", "clean": "clean.json", "results": "results.json", "defense": "rt+atop", "cpu_hours": 1},
+            {"label": "gpu", "clean": "clean.json", "results": "results.json", "defense": "rt+atop", "cpu_hours": 0.1}
+            | {"device": "H200"},
         ]
     }
     spec_path = tmp_path / "spec.json"
@@ -39,10 +41,10 @@ def test_ablation_table_and_plot(tmp_path):
     main([str(spec_path)])
     assert not (tmp_path / "series.png").exists()  # no row has an x
     spec["series_axis"] = "noise sigma"
-    for row, x in zip(spec["rows"][1:], (0.1, 0.2), strict=True):
+    for row, x in zip(spec["rows"][1:3], (0.1, 0.2), strict=True):
         row |= {"series": "RT grid", "point": f"sigma {x}", "x": x}
     write(spec_path, spec)
-    trained, given, grid = load_rows(spec_path)
+    trained, given, grid, _ = load_rows(spec_path)
     assert (trained["clean"], trained["robust"], trained["cpu_hours"]) == (0.7, 0.4, 2.25)  # pgd-eot, not fgsm
     assert given["cpu_hours"] == 2
     assert (trained["series"], given["series"], grid["point"]) == (None, "RT grid", "sigma 0.2")
@@ -50,6 +52,7 @@ def test_ablation_table_and_plot(tmp_path):
     main([str(spec_path)])
     table = (tmp_path / "ablation.md").read_text()
     assert "| 1 | trained | 70.0% (69.0-71.0, n=10000) | 40.0% (34.0-46.0, n=256) | 2.25 |" in table
+    assert "| 3 | gpu | 70.0% (69.0-71.0, n=10000) | 40.0% (34.0-46.0, n=256) | 0.10 on one H200 |" in table
     assert (tmp_path / "ablation.png").stat().st_size > 10_000
     assert (tmp_path / "series.png").stat().st_size > 10_000
 

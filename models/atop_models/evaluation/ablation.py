@@ -5,7 +5,8 @@ training cost, from the files the trainer and the evaluators wrote.
 
 The spec lists rows: {"label", "clean": clean-accuracy JSON, "results": atop-eval results.json, "defense": the
 row of both to take, and either "metrics": the run's metrics.jsonl (training seconds summed, plus "base_cpu_hours"
-for the stages it started from) or "cpu_hours": the whole recipe's; optionally "series" and "point": rows of one
+for the stages it started from) or "cpu_hours": the whole recipe's, on this project's 2 CPU cores unless
+"device" names what trained it instead (e.g. "H200": then the hours are that device's); optionally "series" and "point": rows of one
 series (e.g. an RT grid at one mask fraction) are joined by a line in the plot and each marked with its point,
 and with a number "x" as well (e.g. the noise sigma) they get a second figure: clean and robust accuracy against
 x, one line per series, x named by the spec's "series_axis"}. Paths are relative to the spec's folder. Writes
@@ -68,6 +69,7 @@ def load_rows(spec_path: Path) -> list[dict[str, Any]]:
                 "robust_n": robust["n"],
                 "attack": robust["attack"],
                 "cpu_hours": hours,
+                "device": entry.get("device"),
                 "series": entry.get("series"),
                 "point": entry.get("point"),
                 "x": entry.get("x"),
@@ -78,7 +80,7 @@ def load_rows(spec_path: Path) -> list[dict[str, Any]]:
 
 def write_table(rows: list[dict[str, Any]], path: Path) -> None:
     lines = [
-        "| # | variant | clean (95% CI) | PGD-EOT robust (95% CI) | training, h on 2 cores (all stages) |",
+        "| # | variant | clean (95% CI) | PGD-EOT robust (95% CI) | training, h on 2 cores unless named (all stages) |",
         "|---|---|---|---|---|",
     ]
     for r in rows:
@@ -86,9 +88,14 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> None:
             f"| {r['number']} | {r['label']} | "
             f"{100 * r['clean']:.1f}% ({100 * r['clean_ci95'][0]:.1f}-{100 * r['clean_ci95'][1]:.1f}, "
             f"n={r['clean_n']}) | {100 * r['robust']:.1f}% ({100 * r['robust_ci95'][0]:.1f}-"
-            f"{100 * r['robust_ci95'][1]:.1f}, n={r['robust_n']}) | {r['cpu_hours']:.2f} |"
+            f"{100 * r['robust_ci95'][1]:.1f}, n={r['robust_n']}) | {_cost(r)} |"
         )
     path.write_text("\n".join(lines) + "\n")
+
+
+def _cost(row: dict[str, Any]) -> str:
+    # A GPU's hours are not the CPU's: a row trained on one says so, or its cost would read as a 100x bargain.
+    return f"{row['cpu_hours']:.2f}" + (f" on one {row['device']}" if row["device"] else "")
 
 
 def _error_bars(members: list[dict[str, Any]], key: str) -> list[list[float]]:
