@@ -6,13 +6,14 @@ training cost, from the files the trainer and the evaluators wrote.
 The spec lists rows: {"label", "clean": clean-accuracy JSON, "results": atop-eval results.json, "defense": the
 row of both to take, and either "metrics": the run's metrics.jsonl (training seconds summed, plus "base_cpu_hours"
 for the stages it started from) or "cpu_hours": the whole recipe's, on this project's 2 CPU cores unless
-"device" names what trained it instead (e.g. "H200": then the hours are that device's); optionally "series" and "point": rows of one
-series (e.g. an RT grid at one mask fraction) are joined by a line in the plot and each marked with its point,
-and with a number "x" as well (e.g. the noise sigma) they get a second figure: clean and robust accuracy against
-x, one line per series, x named by the spec's "series_axis"}. Paths are relative to the spec's folder. Writes
-ablation.md and ablation.png (robust against clean accuracy, 95% intervals) beside the spec, and series.png when
-rows have an x. Each series (a lone row is its own) gets a number, in the order the spec first names it: the
-table's first column and the plot's point labels, since two dozen series outrun any palette.
+"device" names what trained it instead (e.g. "H200": then the hours are that device's); optionally "series" and
+"point": rows of one series (e.g. an RT grid at one mask fraction) are joined by a line in the plot and each
+marked with its point, and with a number "x" as well (e.g. the noise sigma) they get a second figure: clean and
+robust accuracy against x, one line per series, x named by the spec's "series_axis"}. Paths are relative to the
+spec's folder. Writes ablation.md and ablation.png (robust against clean accuracy, 95% intervals) beside the
+spec, and series.png when rows have an x. Each series (a lone row is its own) gets a number, in the order the
+spec first names it: the table's first column and the plot's point labels, since two dozen series outrun any
+palette.
 """
 
 from __future__ import annotations
