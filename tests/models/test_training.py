@@ -1,7 +1,9 @@
 """The trainer's steps, on tiny real models and a small generated image set."""
 
 import contextlib
+import dataclasses
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -263,6 +265,39 @@ def test_interrupted_run_resumes_mid_epoch(synthetic_folder, tmp_path):
     other = classifier_training.ClassifierConfig(data=config.data, batch_size=16)
     with pytest.raises(SystemExit, match="another config"):
         RunDir(run_path, CPU).start("classifier", other, restart=False)
+
+
+def test_a_run_from_before_a_setting_existed_resumes_at_its_default(synthetic_folder, tmp_path):
+    config = small_classifier_config(synthetic_folder, tmp_path, epochs=1)
+    run_path = tmp_path / "run"
+    run = RunDir(run_path, CPU)
+    run.start("classifier", config, restart=True)
+    task, loader = classifier_training.build(config, CPU, run_path)
+    fit(task, loader, run, CPU, 1, config.seed, 60.0, resume=False)
+    record = json.loads((run_path / "config.json").read_text())
+    del record["config"]["precision"]  # as written before the setting existed (runs of 2026-12-04 did)
+    del record["config"]["adv"]["eot"]  # at any depth
+    (run_path / "config.json").write_text(json.dumps(record))
+    assert RunDir(run_path, CPU).start("classifier", config, restart=False)  # the old behaviour: resumes
+    assert "precision" in json.loads((run_path / "config.json").read_text())["config"]
+    (run_path / "config.json").write_text(json.dumps(record))
+    fp32 = dataclasses.replace(config, precision="fp32")  # not the default: another config
+    with pytest.raises(SystemExit, match="another config"):
+        RunDir(run_path, CPU).start("classifier", fp32, restart=False)
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_the_training_step_runs_at_the_precision_asked_for(synthetic_folder, tmp_path, precision, dtype):
+    config = small_classifier_config(synthetic_folder, tmp_path, precision=precision, adv=AdversarialConfig("pgd"))
+    (tmp_path / "run").mkdir()
+    task, loader = classifier_training.build(config, CPU, tmp_path / "run")
+    seen = []
+    task.model.head.register_forward_hook(lambda module, inputs, output: seen.append((module.training, output.dtype)))
+    x, y = next(iter(loader))
+    step = task.train_step(x, y, epoch=0)
+    assert (True, dtype) in seen  # the step's own forward pass
+    assert {d for training, d in seen if not training} == {torch.float32}  # the PGD examples' passes: fp32
+    assert math.isfinite(step["loss"])
 
 
 def test_collapse_separates_a_diverged_run_from_a_dip_and_from_noise():

@@ -4,18 +4,17 @@
 # two calls of the device tool while the machine stays warm:
 #   bash docs/robustness/gpu/run.sh start     # set up, launch every job, pack what finished by PACK_AT s, return
 #   bash docs/robustness/gpu/run.sh collect   # the next call: wait for the jobs (or the deadlines), pack all
-# Training (the classifier stage at row 7's settings at 8/255, seed 1, unless named). On the CPU the wide net
-# (96, 384, 384) under PGD-2 leaked the label in its first epochs at lr 1.5 and at 1.17 alike (test accuracy at
-# chance in eval mode, 80% on its own training attack in epoch 2): catastrophic overfitting, whose remedies are a
-# stronger training attack and a lower lr (docs/robustness.md, the width lever). So:
-#   w64-p3-15   airbench's widths, PGD-3 (steps of 2.5 epsilon / 3, v8's last epochs), 15 epochs: the reference
-#   w96-p3-15   the wide net, PGD-3, lr 1.17 (airbench96's ratio): the width lever against w64-p3-15
-#   w96-p2-15   the wide net, PGD-2 (row 7's attack) at lr 0.75: does the lower lr alone keep it from leaking?
-#   w96-p3-30   the wide net, PGD-3, 30 epochs: a candidate to serve
+# Training (the classifier stage at row 7's settings at 8/255, PGD-3 with steps of 2.5 epsilon / 3, seed 1). The
+# plan of 2026-12-04's lent H200 (commit f04c947: widths (64, 256, 256) and (96, 384, 384) at 15 epochs, the wide
+# net at 30, the wide net at PGD-2 and lr 0.75; PLAN=2 then the wide net at PGD-4 for 30) trained in bf16
+# autocast, and every run leaked the label in its last epoch, airbench's widths outright (docs/robustness.md, the
+# width lever). This plan repeats two of them in fp32 (PRECISION), the comparison the width lever waits on:
+#   w64-p3-15   airbench's widths, 15 epochs: against the bf16 run (leaked) and the CPU's fp32 run of it
+#   w96-p3-30   widths (96, 384, 384), lr 1.17 (airbench96's ratio), 30 epochs: the candidate, against v8
 # Evaluation of each finished classifier behind the served RT and purifier (models/zoo/purifier): clean on all
 # 10,000, PGD-EOT 20 x 4 on the 512, the classifier served bare under PGD-20 + AutoAttack-rand on the 512, the
-# worst case of PGD-EOT + AutoAttack-rand on the 128; and the served model's (v8's) full-strength pair
-# (PGD-200 x EOT-20, AutoAttack-rand 100 x 20) on 128 images, twice the 64 the CPU measured.
+# worst case of PGD-EOT + AutoAttack-rand on the 128. (The served model's full-strength pair on 128 images ran
+# in the first plan: docs/robustness/v8/full-128/.)
 # Needs: the repository root as working directory, .data/cifar10-jpg.tar.gz and .whl/ (torchattacks) carried.
 # Writes $OUT/log.txt and $OUT/results.tar.part-* (cat them into one tar; state files are left out).
 # TINY=1 runs the same plan on the CPU on a few images: a check of this script, not of the models.
@@ -31,10 +30,9 @@ export OMP_NUM_THREADS=2 TQDM_MININTERVAL=30 PYTHONUNBUFFERED=1
 DATA="--data-source .data/cifar10-jpg.tar.gz --data-cache-dir /tmp/cache"
 if [ "$TINY" = 1 ]; then
     DEVICE=cpu SMALL="--data-train-images 600 --data-eval-images 100 --eval-robust-images 16 --leak-check-images 16"
-    CLEAN_IMAGES="--images 50" IMG512=16 IMG128=8 EPOCHS15=1 EPOCHS30=1 FULL_STEPS=2 FULL_EOT=2
+    CLEAN_IMAGES="--images 50" IMG512=16 IMG128=8 EPOCHS15=1 EPOCHS30=1
 else
-    DEVICE=cuda SMALL="" CLEAN_IMAGES="" IMG512=512 IMG128=128 EPOCHS15=15 EPOCHS30=30 FULL_STEPS=200
-    FULL_EOT=20
+    DEVICE=cuda SMALL="" CLEAN_IMAGES="" IMG512=512 IMG128=128 EPOCHS15=15 EPOCHS30=30
 fi
 
 start_time() { cat "$W/start"; }
@@ -49,7 +47,8 @@ train() {
     stamp "train $1: widths $2, PGD-$4 at $3/255 (steps of $5/255), $6 epochs"
     boxed "$TRAIN_DEADLINE" "$W/$1.train.log" atop_models.train.cli classifier --out "$W/$1" $SMALL \
         --arch airbench --arch-kwargs "{\"flip_average\": true, \"widths\": $2}" --epochs "$6" --lr "$7" \
-        --adv-kind pgd --adv-epsilon "$eps" --adv-steps "$4" --adv-step-size "$step" --seed 1
+        --adv-kind pgd --adv-epsilon "$eps" --adv-steps "$4" --adv-step-size "$step" --seed 1 \
+        --precision "${PRECISION:-fp32}"
 }
 
 # $1 deadline (s after start), $2 log file, then a python module and its arguments (device and data appended):
@@ -99,12 +98,9 @@ pack() {
 }
 
 case "${1:-}" in
-job)  # one job, in its own process session
+job)  # one training job and its evaluations, in its own process session
     shift
-    case "$1" in
-    train) shift; train "$@" && evaluate "$1" ;;
-    attack) shift; attack "$@" ;;
-    esac
+    train "$@" && evaluate "$1"
     ;;
 start)
     mkdir -p "$OUT" "$W"
@@ -120,18 +116,8 @@ from atop_models.data import load_split
 for split in ('train', 'test'):
     print(split, len(load_split('.data/cifar10-jpg.tar.gz', split, 32, '/tmp/cache', workers=16)))" || exit 1
     launch() { setsid nohup bash docs/robustness/gpu/run.sh job "$@" >>"$W/jobs.log" 2>&1 & }
-    # PGD-2 steps are 0.625 epsilon (row 7: 5/255), PGD-3 steps 2.5 epsilon / 3 (v8's last epochs: 6.67/255)
-    if [ "${PLAN:-1}" = 2 ]; then  # the second call: PGD-4 (steps of 5/255) against w96-p3-30's late leaking
-        launch train w96-p4-30 "[96, 384, 384]" 8 4 5 $EPOCHS30 1.173913
-    else
-    launch train w64-p3-15 "[64, 256, 256]" 8 3 6.6667 $EPOCHS15 1.5
-    launch train w96-p3-15 "[96, 384, 384]" 8 3 6.6667 $EPOCHS15 1.173913
-    launch train w96-p2-15 "[96, 384, 384]" 8 2 5 $EPOCHS15 0.75
-    launch train w96-p3-30 "[96, 384, 384]" 8 3 6.6667 $EPOCHS30 1.173913
-    launch attack "$W/v8/full-128" --classifier models/zoo/classifier --atop models/zoo/purifier \
-        --defenses rt+atop --images $IMG128 --batch-size 64 --attacks pgd-eot autoattack-rand \
-        --pgd-steps $FULL_STEPS --apgd-steps $((FULL_STEPS / 2)) --eot $FULL_EOT
-    fi
+    launch w64-p3-15 "[64, 256, 256]" 8 3 6.6667 $EPOCHS15 1.5
+    launch w96-p3-30 "[96, 384, 384]" 8 3 6.6667 $EPOCHS30 1.173913
     sleep 5
     while running && [ "$(left "$PACK_AT")" -gt 0 ]; do
         sleep 20

@@ -74,6 +74,12 @@ class ClassifierConfig:
     eval_epsilon: float = common.eval_epsilon_field()
     leak_check_images: int = common.leak_check_field()
     collapse_drop: float = common.collapse_drop_field()
+    precision: Literal["auto", "fp32", "bf16"] = help_field(
+        "auto",
+        "the training step's forward and backward: bf16 autocast, fp32, or auto (bf16 on CUDA, fp32 on a CPU). "
+        "The attacks and checks always run in fp32. Every H200 run in bf16 leaked the label in its last epoch "
+        "(docs/robustness.md, the width lever): fp32 makes a GPU run comparable with the CPU's",
+    )
     seed: int = help_field(0, "seeds data order, init and augmentation")
 
 
@@ -161,7 +167,8 @@ class ClassifierTask:
         )
         schedule = triangle(self.total_steps, config.lr_start, config.lr_peak_at, config.lr_end)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=runtime.device.type == "cuda")
+        bf16 = config.precision == "bf16" or (config.precision == "auto" and runtime.device.type == "cuda")
+        self.autocast = torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=bf16)
         self.guard = DivergenceGuard(config.collapse_drop, config.leak_check_images)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> dict[str, float]:

@@ -41,7 +41,11 @@ class RunDir:
         config_path = self.path / "config.json"
         resume = self.resume_path().exists() and not restart
         if resume:
+            # A run started before a setting existed ran with what is now its default (a new setting's default
+            # is the old behaviour), so its config.json reads as holding the default.
+            defaults = json.loads(json.dumps(dataclasses.asdict(type(config)())))
             previous, halted = json.loads(config_path.read_text()), self.halted()
+            previous["config"] = _with_defaults(previous["config"], defaults)
             if record != previous and not (halted and _fixed_part(record) == _fixed_part(previous)):
                 raise SystemExit(
                     f"{self.path} holds a run with another config; pass --restart to overwrite it or use another --out"
@@ -104,6 +108,17 @@ def _varying_part(record: dict[str, Any]) -> dict[str, Any]:
         if holder is not None and holder[path[-1]] is not None:
             varying["_".join(path)] = holder[path[-1]]
     return varying
+
+
+def _with_defaults(config: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """`config` with every setting it lacks (at any depth) taken from `defaults`."""
+    filled = dict(config)
+    for key, default in defaults.items():
+        if key not in filled:
+            filled[key] = default
+        elif isinstance(default, dict) and isinstance(filled[key], dict):
+            filled[key] = _with_defaults(filled[key], default)
+    return filled
 
 
 def _fixed_part(record: dict[str, Any]) -> dict[str, Any]:
