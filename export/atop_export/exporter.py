@@ -3,6 +3,7 @@ bare classifier / purifier on request. Every model is checked after it is writte
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from collections.abc import Callable
@@ -31,7 +32,14 @@ from atop_export.graphs import (
     PurifierOnly,
     example_input,
 )
-from atop_export.onnx_build import compose, export_module, optimize_offline, set_metadata, to_fp16
+from atop_export.onnx_build import (
+    compose,
+    export_module,
+    keep_weights_fp16,
+    optimize_offline,
+    set_metadata,
+    to_fp16,
+)
 from atop_export.repository import publish_model, staged_model, write_report
 from atop_models.defended import load_defended
 from atop_models.pipeline import DefendedClassifier
@@ -86,8 +94,16 @@ def _metadata(kind: InputKind, size: int, pipeline: DefendedClassifier, records:
 
 
 def _export_defended(
-    pipeline: DefendedClassifier, kind: InputKind, size: int, config: ExportConfig, precision: Precision
+    pipeline: DefendedClassifier,
+    kind: InputKind,
+    size: int,
+    config: ExportConfig,
+    precision: Precision,
+    classifier_fp16: bool = False,
 ) -> onnx.ModelProto:
+    if classifier_fp16 and precision == "fp32":  # its weights stay FP16 in the file (the FP16 model has all so)
+        pipeline = copy.deepcopy(pipeline)
+        keep_weights_fp16(pipeline.classifier)
     front = export_module(
         Front(pipeline, kind),
         (example_input(kind, 2, size),),
@@ -131,8 +147,11 @@ def _check_defended(
     }
 
 
-def _defended_plan(pipeline: DefendedClassifier, size: int, config: ExportConfig) -> list[PlannedModel]:
-    """The defended model for every input kind and precision: NAME[_uint8][_fp16]."""
+def _defended_plan(
+    pipeline: DefendedClassifier, size: int, config: ExportConfig, classifier_fp16: bool
+) -> list[PlannedModel]:
+    """The defended model for every input kind and precision: NAME[_uint8][_fp16]. `classifier_fp16`: the
+    classifier's checkpoint stores its weights in fp16, and so does the FP32 model's file."""
     plan = []
     for kind in config.inputs:
         images = checks.parity_images(kind, config.parity_images, size)
@@ -140,7 +159,7 @@ def _defended_plan(pipeline: DefendedClassifier, size: int, config: ExportConfig
             name = config.name + ("" if kind == "float" else f"_{kind}") + ("" if precision == "fp32" else "_fp16")
             tolerance = config.fp32_tolerance if precision == "fp32" else config.fp16_tolerance
             info = {"input": kind, "precision": precision, "role": "defended"}
-            export = partial(_export_defended, pipeline, kind, size, config, precision)
+            export = partial(_export_defended, pipeline, kind, size, config, precision, classifier_fp16)
             plan.append(
                 PlannedModel(
                     name, kind, info, export, partial(_check_defended, pipeline, kind, size, images, tolerance)
@@ -203,7 +222,8 @@ def export_repository(
     pipeline, size = loaded.pipeline.eval(), loaded.image_size
     records = {"classifier": loaded.classifier.record, "purifier": loaded.purifier.record}
     reports: dict[str, dict] = {}
-    for planned in _defended_plan(pipeline, size, config) + _pieces_plan(pipeline, size, config):
+    classifier_fp16 = records["classifier"].get("weights_dtype") == "float16"
+    for planned in _defended_plan(pipeline, size, config, classifier_fp16) + _pieces_plan(pipeline, size, config):
         model = optimize_offline(planned.export(), config.optimization_level)
         set_metadata(
             model, _metadata(planned.kind, size, pipeline, records, _export_info(config, command, planned.info))

@@ -52,6 +52,31 @@ def export_module(
     return program.model_proto
 
 
+# onnxscript's optimizer does not constant-fold an op with an input above this many elements (its default limit)
+FOLD_INPUT_LIMIT = 8192
+
+
+def _widen(module: nn.Module, args: tuple) -> None:
+    module.weight = module.weight_fp16.float()
+
+
+def keep_weights_fp16(module: nn.Module) -> nn.Module:
+    """Make the export of `module` store its conv and linear weights in FP16 (those it was loaded with from a
+    checkpoint stored in fp16, `python -m atop_models.checkpoint half`): each becomes an FP16 buffer that a hook
+    widens before every call, so the graph reads it through a Cast. The exporter's optimizer then leaves it
+    alone: it folds neither a Cast of so large an input nor a BatchNorm into a weight that is not an initializer
+    (folded, the weight would no longer be FP16-exact). onnxruntime folds both when it loads the graph, so it
+    computes in FP32 with the same values as the module; only the file holds FP16. Weights under
+    FOLD_INPUT_LIMIT values are left as they are (the optimizer would fold them back). In place; returns it."""
+    for layer in module.modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)) and layer.weight.numel() >= FOLD_INPUT_LIMIT:
+            half = layer.weight.detach().half()
+            del layer.weight
+            layer.register_buffer("weight_fp16", half)
+            layer.register_forward_pre_hook(_widen)
+    return module
+
+
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     """Weights and compute in FP16 for GPUs; inputs and outputs stay FP32 so clients see no difference."""
     converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False)

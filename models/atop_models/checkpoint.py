@@ -1,5 +1,7 @@
 """Checkpoints without pickle: tensors in safetensors, everything else in JSON beside them.
 
+  python -m atop_models.checkpoint half SOURCE TARGET    # a copy with fp16 weights (store_half)
+
 A model checkpoint is ``<stem>.safetensors`` (the weights) + ``<stem>.json`` (what to build and how it was
 trained). A training state (optimizers, schedulers, RNG states, counters) is one safetensors file: its nested
 structure is flattened, tensors stored under their path, the rest as JSON in the file's metadata. Every
@@ -8,6 +10,7 @@ write is atomic (temp file + rename), so an interrupted run never leaves a half-
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -95,6 +98,21 @@ def load_model(stem: str | Path, kind: str, map_location: str | torch.device = "
     return model, record
 
 
+def store_half(source: str | Path, target: str | Path) -> Path:
+    """Copy a model checkpoint with its floating-point tensors stored in fp16 (integer buffers as they are): half
+    the bytes, for the shipped models' size budget. A model loaded from the copy computes in fp32 on the rounded
+    weights, so its figures are measured on the copy; its record keeps the source's sha256 (`rounded_from`)."""
+    model, record = load_model(source, read_config(source)["kind"])  # checks the source's sha256
+    weights, config = paths(target)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    _write_tensors(weights, {k: v.half() if v.is_floating_point() else v for k, v in state.items()})
+    record = record | {"weights_dtype": "float16", "rounded_from": record["weights_sha256"]}
+    record["weights_sha256"] = sha256_file(weights)
+    _write_json(config, record)
+    return weights
+
+
 @dataclass(frozen=True)
 class BuiltModel:
     """A model with what rebuilds it (its architecture's registry name and constructor arguments); one loaded
@@ -156,3 +174,20 @@ def load_state(path: str | Path) -> dict:
             raise ValueError(f"{path} is not a training state")
         tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     return _unflatten(json.loads(metadata["state"]), tensors)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m atop_models.checkpoint", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    half = commands.add_parser("half", help="copy a model checkpoint with its weights stored in fp16")
+    half.add_argument("source", help="checkpoint stem (or its .safetensors / .json)")
+    half.add_argument("target", help="the copy's stem")
+    args = parser.parse_args(argv)
+    weights = store_half(args.source, args.target)
+    print(
+        f"{weights}: {weights.stat().st_size / 2**20:.2f} MiB (from {paths(args.source)[0].stat().st_size / 2**20:.2f})"
+    )
+
+
+if __name__ == "__main__":
+    main()

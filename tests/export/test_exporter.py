@@ -14,6 +14,7 @@ from conftest import make_tiny_checkpoints
 
 from atop_export import checks
 from atop_export.cli import main
+from atop_models.checkpoint import store_half
 from atop_models.defended import load_defended
 from atop_models.rt import RTConfig
 from atop_server.repository import ModelLoadError, ModelNotFoundError, list_models, load_model
@@ -253,3 +254,26 @@ def test_a_unet_purifier_exports_and_serves(tmp_path):
     images = np.random.default_rng(0).random((3, 3, 32, 32), dtype=np.float32)
     probabilities = model.session.run(None, {"IMAGE": images})[0]
     assert probabilities.shape == (3, len(CLASSES)) and np.allclose(probabilities.sum(1), 1.0, atol=1e-5)
+
+
+def test_a_classifier_stored_in_fp16_keeps_its_weights_fp16_in_the_served_graph(tmp_path):
+    classifier, purifier = make_checkpoints(tmp_path, 32)
+    half = tmp_path / "classifier-fp16"
+    store_half(classifier, half)
+    weight_bytes = {}
+    for name, weights in (("fp32", classifier), ("fp16", half)):
+        repository = tmp_path / name
+        # atop-export's own checks compare the graph with the PyTorch pipeline built from the same checkpoint
+        main(["--classifier", str(weights), "--purifier", str(purifier), "--repository", str(repository)])
+        graph = onnx.load(str(repository / "atop_cifar10" / "1" / "model.onnx")).graph
+        stored = {i.name: i for i in graph.initializer if "classifier" in i.name}
+        weight_bytes[name] = sum(onnx.numpy_helper.to_array(i).nbytes for i in stored.values())
+    rounded = load_defended(half, purifier).classifier.model.state_dict()
+    fp16 = {name: i for name, i in stored.items() if i.data_type == onnx.TensorProto.FLOAT16}
+    # the three 32x32 3x3 convolutions (9,216 weights each; the smaller ones the optimizer folds back to FP32),
+    # stored exactly as the fp16 checkpoint holds them, and not folded with their BatchNorm
+    assert len(fp16) == 3
+    for name, initializer in fp16.items():
+        weight = name.removeprefix("core/pipeline.classifier.").removesuffix("_fp16")
+        assert np.array_equal(onnx.numpy_helper.to_array(initializer), rounded[weight].half().numpy()), name
+    assert weight_bytes["fp32"] - weight_bytes["fp16"] == 3 * 9216 * 2

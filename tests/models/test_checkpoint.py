@@ -37,6 +37,24 @@ def test_corrupted_or_wrong_kind_checkpoints_are_refused(tmp_path):
         checkpoint.read_config(tmp_path / "x")
 
 
+def test_a_checkpoint_stored_in_fp16_loads_the_rounded_weights_at_half_the_bytes(tmp_path, capsys):
+    model = CLASSIFIERS.create("airbench", widths=(16, 32, 32))
+    model(torch.rand(8, 3, 32, 32))  # BatchNorm statistics and its batch counter move off their initial values
+    source = checkpoint.save_model(tmp_path / "c", model, "classifier", "airbench", {"widths": [16, 32, 32]}, seed=3)
+    checkpoint.main(["half", str(tmp_path / "c"), str(tmp_path / "half")])
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'half.safetensors'}: ")
+    loaded, record = checkpoint.load_model(tmp_path / "half", "classifier")  # its own sha256 checked
+    assert record["weights_dtype"] == "float16" and record["seed"] == 3
+    assert record["rounded_from"] == checkpoint.read_config(tmp_path / "c")["weights_sha256"]
+    assert (tmp_path / "half.safetensors").stat().st_size < 0.55 * source.stat().st_size
+    for name, value in model.state_dict().items():
+        kept = loaded.state_dict()[name]
+        assert kept.dtype == value.dtype  # the model computes as before, in its own dtypes
+        expected = value.half().float() if value.is_floating_point() else value  # integers are not rounded
+        assert torch.equal(kept, expected), name
+    assert not torch.equal(loaded.state_dict()["head.weight"], model.state_dict()["head.weight"])
+
+
 def test_training_state_round_trip_without_pickle(tmp_path):
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
