@@ -349,6 +349,30 @@ BREAKAGES = [
         (("return DistributedDataParallel(model, device_ids=device_ids)", "return model"),),
         "tests/models/test_ddp.py::test_two_process_ddp_training",
     ),
+    Breakage(
+        "the training step ignores --precision (never bf16)",
+        "models/atop_models/train/classifier.py",
+        (("dtype=torch.bfloat16, enabled=bf16)", "dtype=torch.bfloat16, enabled=False)"),),
+        "tests/models/test_training.py::test_the_training_step_runs_at_the_precision_asked_for",
+    ),
+    Breakage(
+        "a run folder from before a setting existed no longer resumes",
+        "models/atop_models/train/run_dir.py",
+        (('previous["config"] = _with_defaults(previous["config"], defaults)', "pass"),),
+        "tests/models/test_training.py::test_a_run_from_before_a_setting_existed_resumes_at_its_default",
+    ),
+    Breakage(
+        "a checkpoint stored in fp16 keeps its weights in fp32",
+        "models/atop_models/checkpoint.py",
+        (("v.half() if v.is_floating_point() else v", "v"),),
+        "tests/models/test_checkpoint.py::test_a_checkpoint_stored_in_fp16_loads_the_rounded_weights_at_half_the_bytes",
+    ),
+    Breakage(
+        "the exporter widens an fp16-stored classifier's weights in the file",
+        "export/atop_export/exporter.py",
+        (('if classifier_fp16 and precision == "fp32":', "if False:"),),
+        "tests/export/test_exporter.py::test_a_classifier_stored_in_fp16_keeps_its_weights_fp16_in_the_served_graph",
+    ),
 ]
 
 
