@@ -1,6 +1,7 @@
 """Checkpoints without pickle: tensors in safetensors, everything else in JSON beside them.
 
-  python -m atop_models.checkpoint half SOURCE TARGET    # a copy with fp16 weights (store_half)
+  python -m atop_models.checkpoint half SOURCE TARGET        # a copy with fp16 weights (store_half)
+  python -m atop_models.checkpoint ensemble OUT MEMBER ...    # one classifier of several (save_ensemble)
 
 A model checkpoint is ``<stem>.safetensors`` (the weights) + ``<stem>.json`` (what to build and how it was
 trained). A training state (optimizers, schedulers, RNG states, counters) is one safetensors file: its nested
@@ -113,6 +114,26 @@ def store_half(source: str | Path, target: str | Path) -> Path:
     return weights
 
 
+def save_ensemble(out: str | Path, members: list[str | Path]) -> Path:
+    """One classifier checkpoint (arch "ensemble": the mean of the members' logits) holding `members`, trained
+    classifier checkpoints of the same classes and image size; its record keeps each member's (sha256 included)."""
+    loaded = [load_model(member, "classifier") for member in members]
+    records = [record for _, record in loaded]
+    for key in ("classes", "image_size"):
+        if any(record[key] != records[0][key] for record in records):
+            raise ValueError(f"the members' {key} differ: {[record[key] for record in records]}")
+    kwargs = {
+        "members": [{"arch": r["arch"], "arch_kwargs": r["arch_kwargs"]} for r in records],
+        "num_classes": len(records[0]["classes"]),
+    }
+    model = CLASSIFIERS.create("ensemble", **kwargs)
+    for member, (trained, _) in zip(model.members, loaded, strict=True):
+        member.load_state_dict(trained.state_dict())
+    members_records = [{"path": str(path), **record} for path, record in zip(members, records, strict=True)]
+    meta = {"classes": records[0]["classes"], "image_size": records[0]["image_size"], "members": members_records}
+    return save_model(out, model, "classifier", "ensemble", kwargs, **meta)
+
+
 @dataclass(frozen=True)
 class BuiltModel:
     """A model with what rebuilds it (its architecture's registry name and constructor arguments); one loaded
@@ -182,7 +203,13 @@ def main(argv: list[str] | None = None) -> None:
     half = commands.add_parser("half", help="copy a model checkpoint with its weights stored in fp16")
     half.add_argument("source", help="checkpoint stem (or its .safetensors / .json)")
     half.add_argument("target", help="the copy's stem")
+    ensemble = commands.add_parser("ensemble", help="one classifier checkpoint from trained classifiers")
+    ensemble.add_argument("out", help="the ensemble's checkpoint stem")
+    ensemble.add_argument("members", nargs="+", help="the members' checkpoint stems")
     args = parser.parse_args(argv)
+    if args.command == "ensemble":
+        print(save_ensemble(args.out, args.members))
+        return
     weights = store_half(args.source, args.target)
     print(
         f"{weights}: {weights.stat().st_size / 2**20:.2f} MiB (from {paths(args.source)[0].stat().st_size / 2**20:.2f})"

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from atop_models import checkpoint
 from atop_models.classifiers import CLASSIFIERS
 
 
@@ -24,7 +25,7 @@ def test_classifier_owns_its_normalization(name):
 
 
 def test_parameter_counts():
-    count = {n: sum(p.numel() for p in CLASSIFIERS.create(n).parameters()) for n in CLASSIFIERS.names()}
+    count = {n: sum(p.numel() for p in CLASSIFIERS.create(n).parameters()) for n in ("resnet18", "airbench")}
     assert count["resnet18"] == pytest.approx(11.17e6, rel=0.01)
     assert count["airbench"] == pytest.approx(1.97e6, rel=0.02)
 
@@ -39,7 +40,7 @@ def test_whitening_init_decorrelates_patches():
 
 
 def test_unknown_architecture_is_a_clear_error():
-    with pytest.raises(KeyError, match="unknown classifier 'vgg'; known: airbench, resnet18"):
+    with pytest.raises(KeyError, match="unknown classifier 'vgg'; known: airbench, ensemble, resnet18"):
         CLASSIFIERS.create("vgg")
 
 
@@ -52,3 +53,40 @@ def test_flip_average_is_mirror_invariant_in_eval_only():
     assert torch.allclose(model(x), (plain(x) + plain(x.flip(3))) / 2, atol=1e-5)
     model.train()
     assert torch.allclose(model(x), plain.train()(x), atol=1e-5)  # training sees each view alone
+
+
+def test_an_ensemble_serves_the_mean_of_its_members_logits(tmp_path):
+    members = [
+        {"arch": "airbench", "arch_kwargs": {"widths": [8, 16, 16], "flip_average": True}},
+        {"arch": "airbench", "arch_kwargs": {"widths": [16, 16, 32]}},
+    ]
+    paths = []
+    for i, member in enumerate(members):
+        torch.manual_seed(i)
+        model = CLASSIFIERS.create(member["arch"], num_classes=4, **member["arch_kwargs"])
+        model(torch.rand(8, 3, 32, 32))  # BatchNorm statistics off their initial values
+        kwargs = {**member["arch_kwargs"], "num_classes": 4}
+        meta = {"classes": list("abcd"), "image_size": 32}
+        paths.append(checkpoint.save_model(tmp_path / f"m{i}", model, "classifier", "airbench", kwargs, **meta))
+    checkpoint.main(["ensemble", str(tmp_path / "ens"), *(str(p.with_suffix("")) for p in paths)])
+    ensemble, record = checkpoint.load_model(tmp_path / "ens", "classifier")
+    trained = [checkpoint.load_model(p, "classifier")[0].eval() for p in paths]
+    assert record["arch"] == "ensemble" and [m["weights_sha256"] for m in record["members"]] == [
+        checkpoint.read_config(p)["weights_sha256"] for p in paths
+    ]
+    x = torch.rand(5, 3, 32, 32)
+    ensemble.eval()
+    with torch.no_grad():
+        expected = (trained[0](x) + trained[1](x)) / 2  # the first member's mirror averaging included
+        assert torch.allclose(ensemble(x), expected, atol=1e-6)
+        features = ensemble.forward_features(x)
+        assert features.shape == (5, ensemble.num_features) == (5, 16 + 32)
+        heads = [m.forward_head(m.forward_features(x)) for m in trained]
+        assert torch.allclose(ensemble.forward_head(features), (heads[0] + heads[1]) / 2, atol=1e-6)
+
+    kwargs = {"widths": [8, 8, 8], "num_classes": 3}
+    other = CLASSIFIERS.create("airbench", **kwargs)
+    meta = {"classes": list("abc"), "image_size": 32}
+    odd = checkpoint.save_model(tmp_path / "o", other, "classifier", "airbench", kwargs, **meta)
+    with pytest.raises(ValueError, match="the members' classes differ"):
+        checkpoint.save_ensemble(tmp_path / "bad", [paths[0], odd])
