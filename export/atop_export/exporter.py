@@ -99,7 +99,7 @@ def _export_defended(
     size: int,
     config: ExportConfig,
     precision: Precision,
-    classifier_fp16: bool = False,
+    classifier_fp16: bool,
 ) -> onnx.ModelProto:
     if classifier_fp16 and precision == "fp32":  # its weights stay FP16 in the file (the FP16 model has all so)
         pipeline = copy.deepcopy(pipeline)

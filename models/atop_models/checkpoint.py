@@ -104,14 +104,11 @@ def store_half(source: str | Path, target: str | Path) -> Path:
     the bytes, for the shipped models' size budget. A model loaded from the copy computes in fp32 on the rounded
     weights, so its figures are measured on the copy; its record keeps the source's sha256 (`rounded_from`)."""
     model, record = load_model(source, read_config(source)["kind"])  # checks the source's sha256
-    weights, config = paths(target)
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
-    _write_tensors(weights, {k: v.half() if v.is_floating_point() else v for k, v in state.items()})
-    record = record | {"weights_dtype": "float16", "rounded_from": record["weights_sha256"]}
-    record["weights_sha256"] = sha256_file(weights)
-    _write_json(config, record)
-    return weights
+    built_from = ("format", "kind", "arch", "arch_kwargs", "weights_sha256")  # save_model writes these anew
+    meta = {key: value for key, value in record.items() if key not in built_from}
+    meta |= {"weights_dtype": "float16", "rounded_from": record["weights_sha256"]}
+    # Module.half() rounds the floating-point parameters and buffers and leaves integer buffers as they are.
+    return save_model(target, model.half(), record["kind"], record["arch"], record["arch_kwargs"], **meta)
 
 
 def save_ensemble(out: str | Path, members: list[str | Path]) -> Path:
@@ -207,13 +204,11 @@ def main(argv: list[str] | None = None) -> None:
     ensemble.add_argument("out", help="the ensemble's checkpoint stem")
     ensemble.add_argument("members", nargs="+", help="the members' checkpoint stems")
     args = parser.parse_args(argv)
-    if args.command == "ensemble":
+    if args.command == "half":
+        weights, source = store_half(args.source, args.target), paths(args.source)[0]
+        print(f"{weights}: {weights.stat().st_size / 2**20:.2f} MiB (from {source.stat().st_size / 2**20:.2f})")
+    else:
         print(save_ensemble(args.out, args.members))
-        return
-    weights = store_half(args.source, args.target)
-    print(
-        f"{weights}: {weights.stat().st_size / 2**20:.2f} MiB (from {paths(args.source)[0].stat().st_size / 2**20:.2f})"
-    )
 
 
 if __name__ == "__main__":

@@ -37,15 +37,14 @@ class RunDir:
         """Record the config; returns whether to resume. A run folder only resumes the same config, except
         that a halted run may go on from its last kept epoch with another seed or training attack strength
         (`MAY_CHANGE_AFTER_HALT`); each epoch's metrics line names the values it ran with."""
-        record = json.loads(json.dumps({"command": command, "config": dataclasses.asdict(config)}))
+        record = {"command": command, "config": _as_json(config)}
         config_path = self.path / "config.json"
         resume = self.resume_path().exists() and not restart
         if resume:
             # A run started before a setting existed ran with what is now its default (a new setting's default
             # is the old behaviour), so its config.json reads as holding the default.
-            defaults = json.loads(json.dumps(dataclasses.asdict(type(config)())))
             previous, halted = json.loads(config_path.read_text()), self.halted()
-            previous["config"] = _with_defaults(previous["config"], defaults)
+            previous["config"] = _with_defaults(previous["config"], _as_json(type(config)()))
             if record != previous and not (halted and _fixed_part(record) == _fixed_part(previous)):
                 raise SystemExit(
                     f"{self.path} holds a run with another config; pass --restart to overwrite it or use another --out"
@@ -108,6 +107,11 @@ def _varying_part(record: dict[str, Any]) -> dict[str, Any]:
         if holder is not None and holder[path[-1]] is not None:
             varying["_".join(path)] = holder[path[-1]]
     return varying
+
+
+def _as_json(config: Any) -> dict[str, Any]:
+    """A config dataclass as config.json holds it (tuples as lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
 def _with_defaults(config: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
