@@ -38,6 +38,7 @@ from atop_export.onnx_build import (
     keep_weights_fp16,
     optimize_offline,
     set_metadata,
+    strip_build_records,
     to_fp16,
 )
 from atop_export.repository import publish_model, staged_model, write_report
@@ -99,11 +100,12 @@ def _export_defended(
     size: int,
     config: ExportConfig,
     precision: Precision,
-    classifier_fp16: bool,
+    fp16_parts: tuple[str, ...],
 ) -> onnx.ModelProto:
-    if classifier_fp16 and precision == "fp32":  # its weights stay FP16 in the file (the FP16 model has all so)
+    if fp16_parts and precision == "fp32":  # their weights stay FP16 in the file (the FP16 model has all so)
         pipeline = copy.deepcopy(pipeline)
-        keep_weights_fp16(pipeline.classifier)
+        for part in fp16_parts:
+            keep_weights_fp16(getattr(pipeline, part))
     front = export_module(
         Front(pipeline, kind),
         (example_input(kind, 2, size),),
@@ -148,10 +150,10 @@ def _check_defended(
 
 
 def _defended_plan(
-    pipeline: DefendedClassifier, size: int, config: ExportConfig, classifier_fp16: bool
+    pipeline: DefendedClassifier, size: int, config: ExportConfig, fp16_parts: tuple[str, ...]
 ) -> list[PlannedModel]:
-    """The defended model for every input kind and precision: NAME[_uint8][_fp16]. `classifier_fp16`: the
-    classifier's checkpoint stores its weights in fp16, and so does the FP32 model's file."""
+    """The defended model for every input kind and precision: NAME[_uint8][_fp16]. `fp16_parts`: the parts
+    ("classifier", "purifier") whose checkpoints store their weights in fp16, as the FP32 model's file then does."""
     plan = []
     for kind in config.inputs:
         images = checks.parity_images(kind, config.parity_images, size)
@@ -159,7 +161,7 @@ def _defended_plan(
             name = config.name + ("" if kind == "float" else f"_{kind}") + ("" if precision == "fp32" else "_fp16")
             tolerance = config.fp32_tolerance if precision == "fp32" else config.fp16_tolerance
             info = {"input": kind, "precision": precision, "role": "defended"}
-            export = partial(_export_defended, pipeline, kind, size, config, precision, classifier_fp16)
+            export = partial(_export_defended, pipeline, kind, size, config, precision, fp16_parts)
             plan.append(
                 PlannedModel(
                     name, kind, info, export, partial(_check_defended, pipeline, kind, size, images, tolerance)
@@ -222,9 +224,9 @@ def export_repository(
     pipeline, size = loaded.pipeline.eval(), loaded.image_size
     records = {"classifier": loaded.classifier.record, "purifier": loaded.purifier.record}
     reports: dict[str, dict] = {}
-    classifier_fp16 = records["classifier"].get("weights_dtype") == "float16"
-    for planned in _defended_plan(pipeline, size, config, classifier_fp16) + _pieces_plan(pipeline, size, config):
-        model = optimize_offline(planned.export(), config.optimization_level)
+    fp16_parts = tuple(part for part, record in records.items() if record.get("weights_dtype") == "float16")
+    for planned in _defended_plan(pipeline, size, config, fp16_parts) + _pieces_plan(pipeline, size, config):
+        model = strip_build_records(optimize_offline(planned.export(), config.optimization_level))
         set_metadata(
             model, _metadata(planned.kind, size, pipeline, records, _export_info(config, command, planned.info))
         )

@@ -10,10 +10,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import make_tiny_checkpoints
+from conftest import REPO, make_tiny_checkpoints
 
 from atop_export import checks
 from atop_export.cli import main
+from atop_export.onnx_build import FOLD_INPUT_LIMIT
 from atop_models.checkpoint import store_half
 from atop_models.defended import load_defended
 from atop_models.rt import RTConfig
@@ -139,6 +140,16 @@ def test_metadata_is_read_back_by_the_server_loader(exported):
     ]
 
 
+def test_no_model_carries_records_of_the_machine_it_was_built_on(exported):
+    """PyTorch's exporter notes on every node the stack trace (with this machine's source paths), the module and
+    the FX node it came from; the shipped files keep none of it."""
+    repository, _, _ = exported
+    for path in repository.glob("*/1/model.onnx"):
+        nodes = onnx.load(str(path)).graph.node
+        assert nodes and not any(node.metadata_props or node.doc_string for node in nodes), path
+        assert str(REPO).encode() not in path.read_bytes(), path
+
+
 @pytest.mark.parametrize("batch", [1, 7, 64])
 def test_dynamic_batch_and_randomized_outputs(exported, batch):
     repository, _, _ = exported
@@ -256,24 +267,35 @@ def test_a_unet_purifier_exports_and_serves(tmp_path):
     assert probabilities.shape == (3, len(CLASSES)) and np.allclose(probabilities.sum(1), 1.0, atol=1e-5)
 
 
-def test_a_classifier_stored_in_fp16_keeps_its_weights_fp16_in_the_served_graph(tmp_path):
-    classifier, purifier = make_checkpoints(tmp_path, 32)
-    half = tmp_path / "classifier-fp16"
-    store_half(classifier, half)
-    weight_bytes = {}
-    for name, weights in (("fp32", classifier), ("fp16", half)):
+def initializer_bytes(graph: onnx.GraphProto) -> int:
+    return sum(onnx.numpy_helper.to_array(i).nbytes for i in graph.initializer)
+
+
+@pytest.mark.parametrize("part", ["classifier", "purifier"])
+def test_a_part_stored_in_fp16_keeps_its_weights_fp16_in_the_served_graph(tmp_path, part):
+    checkpoints = dict(zip(("classifier", "purifier"), make_checkpoints(tmp_path, 32)))
+    half = tmp_path / f"{part}-fp16"
+    store_half(checkpoints[part], half)
+    graphs = {}
+    for name, weights in (("fp32", checkpoints), ("fp16", checkpoints | {part: half})):
         repository = tmp_path / name
-        # atop-export's own checks compare the graph with the PyTorch pipeline built from the same checkpoint
-        main(["--classifier", str(weights), "--purifier", str(purifier), "--repository", str(repository)])
-        graph = onnx.load(str(repository / "atop_cifar10" / "1" / "model.onnx")).graph
-        stored = {i.name: i for i in graph.initializer if "classifier" in i.name}
-        weight_bytes[name] = sum(onnx.numpy_helper.to_array(i).nbytes for i in stored.values())
-    rounded = load_defended(half, purifier).classifier.model.state_dict()
-    fp16 = {name: i for name, i in stored.items() if i.data_type == onnx.TensorProto.FLOAT16}
-    # the three 32x32 3x3 convolutions (9,216 weights each; the smaller ones the optimizer folds back to FP32),
-    # stored exactly as the fp16 checkpoint holds them, and not folded with their BatchNorm
-    assert len(fp16) == 3
+        # atop-export's own checks compare the graph with the PyTorch pipeline built from the same checkpoints
+        main(["--classifier", str(weights["classifier"]), "--purifier", str(weights["purifier"]), "--repository",
+              str(repository)])
+        graphs[name] = onnx.load(str(repository / "atop_cifar10" / "1" / "model.onnx")).graph
+    rounded = getattr(load_defended(**(checkpoints | {part: half})), part).model.state_dict()
+    expected = {
+        name: tensor
+        for name, tensor in rounded.items()
+        if name.endswith("weight") and tensor.dim() in (2, 4) and tensor.numel() >= FOLD_INPUT_LIMIT
+    }
+    prefix = f"core/pipeline.{part}."
+    fp16 = {i.name: i for i in graphs["fp16"].initializer if i.data_type == onnx.TensorProto.FLOAT16}
+    # every conv and linear weight the optimizer would not fold back, stored exactly as the fp16 checkpoint holds
+    # it and not folded with a BatchNorm; nothing of the other part is
+    assert sorted(name.removeprefix(prefix).removesuffix("_fp16") for name in fp16) == sorted(expected)
     for name, initializer in fp16.items():
-        weight = name.removeprefix("core/pipeline.classifier.").removesuffix("_fp16")
-        assert np.array_equal(onnx.numpy_helper.to_array(initializer), rounded[weight].half().numpy()), name
-    assert weight_bytes["fp32"] - weight_bytes["fp16"] == 3 * 9216 * 2
+        weight = expected[name.removeprefix(prefix).removesuffix("_fp16")]
+        assert np.array_equal(onnx.numpy_helper.to_array(initializer), weight.half().numpy()), name
+    saved = sum(tensor.numel() * 2 for tensor in expected.values())
+    assert expected and initializer_bytes(graphs["fp32"]) - initializer_bytes(graphs["fp16"]) == saved
