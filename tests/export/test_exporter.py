@@ -273,15 +273,23 @@ def initializer_bytes(graph: onnx.GraphProto) -> int:
 
 @pytest.mark.parametrize("part", ["classifier", "purifier"])
 def test_a_part_stored_in_fp16_keeps_its_weights_fp16_in_the_served_graph(tmp_path, part):
-    checkpoints = dict(zip(("classifier", "purifier"), make_checkpoints(tmp_path, 32)))
+    checkpoints = dict(zip(("classifier", "purifier"), make_checkpoints(tmp_path, 32), strict=True))
     half = tmp_path / f"{part}-fp16"
     store_half(checkpoints[part], half)
     graphs = {}
     for name, weights in (("fp32", checkpoints), ("fp16", checkpoints | {part: half})):
         repository = tmp_path / name
         # atop-export's own checks compare the graph with the PyTorch pipeline built from the same checkpoints
-        main(["--classifier", str(weights["classifier"]), "--purifier", str(weights["purifier"]), "--repository",
-              str(repository)])
+        main(
+            [
+                "--classifier",
+                str(weights["classifier"]),
+                "--purifier",
+                str(weights["purifier"]),
+                "--repository",
+                str(repository),
+            ]
+        )
         graphs[name] = onnx.load(str(repository / "atop_cifar10" / "1" / "model.onnx")).graph
     rounded = getattr(load_defended(**(checkpoints | {part: half})), part).model.state_dict()
     expected = {
