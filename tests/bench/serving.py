@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import platform
@@ -104,20 +105,23 @@ class Triton:
 
 def start_triton(config: BenchConfig) -> Triton:
     script = Path(__file__).with_name("triton_front.py")
+    # The serving line comes on a pipe of its own: on stdout it can land inside one of tritonserver's log lines.
+    ready_read, ready_write = os.pipe()
     command = [str(config.triton_python), str(script), "--model-repository", str(config.model_repository)]
     command += ["--model", config.model, "--max-batch-size", str(config.max_batch_size)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log: list[str] = []
-    assert process.stdout is not None
-    for line in process.stdout:
-        log.append(line)
-        if line.startswith('{"event": "serving"'):
-            port = json.loads(line)["grpc_port"]
-            break
-    else:
-        raise RuntimeError(f"Triton exited with {process.wait()}:\n" + "".join(log[-30:]))
+    command += ["--ready-fd", str(ready_write)]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, pass_fds=(ready_write,)
+    )
+    os.close(ready_write)  # the front holds the only write end: its exit reads as end of file
+    log: collections.deque[str] = collections.deque(maxlen=30)
     # Keep reading its log so that the pipe never fills and blocks Triton.
-    threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()  # type: ignore[union-attr]
+    threading.Thread(target=log.extend, args=(process.stdout,), daemon=True).start()
+    with os.fdopen(ready_read) as ready:
+        line = ready.readline()
+    if not line:
+        raise RuntimeError(f"Triton exited with {process.wait()}:\n" + "".join(log))
+    port = json.loads(line)["grpc_port"]
     return Triton(process, f"127.0.0.1:{port}")
 
 

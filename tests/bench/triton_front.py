@@ -5,8 +5,10 @@ behind a Pillow-decoding Python front, with Triton's dynamic batcher as the repo
 
 Runs in its own environment (the `bench` dependency group: pytriton needs numpy < 2). Decoding and the
 onnxruntime session are atop-serve's own (atop_server.codec, atop_server.session), so C and S do the same work
-per image and differ only in what surrounds it. Prints one JSON line {"event": "serving", "grpc_port": ...}
-once the model is loaded; stops on SIGTERM or SIGINT.
+per image and differ only in what surrounds it. Once the model is loaded it writes one JSON line
+{"event": "serving", "grpc_port": ...} to stdout, or to the file descriptor --ready-fd names: tritonserver's
+own log reaches stdout through pytriton's reader threads, and a line written there can land in the middle of
+one of its lines. Stops on SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def main() -> None:
     parser.add_argument("--model-repository", type=Path, required=True)
     parser.add_argument("--model", default="atop_cifar10")
     parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--ready-fd", type=int, default=1, help="where the serving line goes (default: stdout)")
     args = parser.parse_args()
 
     loaded = load_model(args.model_repository, args.model)  # the server's own session settings and seeding
@@ -89,7 +92,8 @@ def main() -> None:
             strict=False,
         )
         triton.run()
-        print(json.dumps({"event": "serving", "grpc_port": config.grpc_port, "queue_delay_us": delay}), flush=True)
+        serving = json.dumps({"event": "serving", "grpc_port": config.grpc_port, "queue_delay_us": delay})
+        os.write(args.ready_fd, (serving + "\n").encode())  # one write: nothing else can land inside it
         signal.sigwait({signal.SIGTERM, signal.SIGINT})
     sys.exit(0)
 
