@@ -13,8 +13,9 @@
 #   w96-p3-30   widths (96, 384, 384), lr 1.17 (airbench96's ratio), 30 epochs: the candidate, against v8
 # Evaluation of each finished classifier behind the served RT and purifier (models/zoo/purifier): clean on all
 # 10,000, PGD-EOT 20 x 4 on the 512, the classifier served bare under PGD-20 + AutoAttack-rand on the 512, the
-# worst case of PGD-EOT + AutoAttack-rand on the 128. (The served model's full-strength pair on 128 images ran
-# in the first plan: docs/robustness/v8/full-128/.)
+# worst case of PGD-EOT + AutoAttack-rand on the 128; and the served model's (v9's) full-strength pair
+# (PGD-200 x EOT-20, AutoAttack-rand 100 x 20) on those 128 (the first plan's did v8's: docs/robustness/v8/full-128/;
+# the CPU has v9's on 64, where it broke a few images the quick pair did not).
 # Needs: the repository root as working directory, .data/cifar10-jpg.tar.gz and .whl/ (torchattacks) carried.
 # Writes $OUT/log.txt and $OUT/results.tar.part-* (cat them into one tar; state files are left out).
 # TINY=1 runs the same plan on the CPU on a few images: a check of this script, not of the models.
@@ -30,9 +31,9 @@ export OMP_NUM_THREADS=2 TQDM_MININTERVAL=30 PYTHONUNBUFFERED=1
 DATA="--data-source .data/cifar10-jpg.tar.gz --data-cache-dir /tmp/cache"
 if [ "$TINY" = 1 ]; then
     DEVICE=cpu SMALL="--data-train-images 600 --data-eval-images 100 --eval-robust-images 16 --leak-check-images 16"
-    CLEAN_IMAGES="--images 50" IMG512=16 IMG128=8 EPOCHS15=1 EPOCHS30=1
+    CLEAN_IMAGES="--images 50" IMG512=16 IMG128=8 EPOCHS15=1 EPOCHS30=1 FULL_STEPS=2 FULL_EOT=2
 else
-    DEVICE=cuda SMALL="" CLEAN_IMAGES="" IMG512=512 IMG128=128 EPOCHS15=15 EPOCHS30=30
+    DEVICE=cuda SMALL="" CLEAN_IMAGES="" IMG512=512 IMG128=128 EPOCHS15=15 EPOCHS30=30 FULL_STEPS=200 FULL_EOT=20
 fi
 
 start_time() { cat "$W/start"; }
@@ -98,9 +99,12 @@ pack() {
 }
 
 case "${1:-}" in
-job)  # one training job and its evaluations, in its own process session
+job)  # one job, in its own process session: a training run and its evaluations, or one attack
     shift
-    train "$@" && evaluate "$1"
+    case "$1" in
+    train) shift; train "$@" && evaluate "$1" ;;
+    attack) shift; attack "$@" ;;
+    esac
     ;;
 start)
     mkdir -p "$OUT" "$W"
@@ -116,8 +120,11 @@ from atop_models.data import load_split
 for split in ('train', 'test'):
     print(split, len(load_split('.data/cifar10-jpg.tar.gz', split, 32, '/tmp/cache', workers=16)))" || exit 1
     launch() { setsid nohup bash docs/robustness/gpu/run.sh job "$@" >>"$W/jobs.log" 2>&1 & }
-    launch w64-p3-15 "[64, 256, 256]" 8 3 6.6667 $EPOCHS15 1.5
-    launch w96-p3-30 "[96, 384, 384]" 8 3 6.6667 $EPOCHS30 1.173913
+    launch train w64-p3-15 "[64, 256, 256]" 8 3 6.6667 $EPOCHS15 1.5
+    launch train w96-p3-30 "[96, 384, 384]" 8 3 6.6667 $EPOCHS30 1.173913
+    launch attack "$W/v9/full-128" --classifier models/zoo/classifier --atop models/zoo/purifier \
+        --defenses rt+atop --images $IMG128 --batch-size 64 --attacks pgd-eot autoattack-rand \
+        --pgd-steps $FULL_STEPS --apgd-steps $((FULL_STEPS / 2)) --eot $FULL_EOT
     sleep 5
     while running && [ "$(left "$PACK_AT")" -gt 0 ]; do
         sleep 20
