@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from atop_export import checks
@@ -35,17 +36,19 @@ from atop_export.graphs import (
 from atop_export.onnx_build import (
     compose,
     export_module,
-    keep_weights_fp16,
+    keep_weights_stored,
     optimize_offline,
     set_metadata,
     strip_build_records,
     to_fp16,
 )
 from atop_export.repository import publish_model, staged_model, write_report
-from atop_models.defended import load_defended
+from atop_models.checkpoint import int8_weights, paths
+from atop_models.defended import LoadedDefense, load_defended
 from atop_models.pipeline import DefendedClassifier
 
 Precision = Literal["fp32", "fp16"]
+StoredParts = dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]  # part -> its int8 weights ({}: fp16)
 
 
 @dataclass(frozen=True)
@@ -100,12 +103,12 @@ def _export_defended(
     size: int,
     config: ExportConfig,
     precision: Precision,
-    fp16_parts: tuple[str, ...],
+    stored_parts: StoredParts,
 ) -> onnx.ModelProto:
-    if fp16_parts and precision == "fp32":  # their weights stay FP16 in the file (the FP16 model has all so)
+    if stored_parts and precision == "fp32":  # their weights stay FP16 / int8 in the file (the FP16 model: FP16)
         pipeline = copy.deepcopy(pipeline)
-        for part in fp16_parts:
-            keep_weights_fp16(getattr(pipeline, part))
+        for part, int8 in stored_parts.items():
+            keep_weights_stored(getattr(pipeline, part), int8)
     front = export_module(
         Front(pipeline, kind),
         (example_input(kind, 2, size),),
@@ -119,6 +122,19 @@ def _export_defended(
         Core(pipeline), args, [RT_IMAGE, RT_MASK], [OUTPUT, PURIFIED], config.opset, config.max_batch_size
     )
     return compose(front, to_fp16(core) if precision == "fp16" else core)
+
+
+def _stored_parts(loaded: LoadedDefense) -> StoredParts:
+    """The parts whose checkpoints store their weights in fewer bytes than FP32: {part: its int8 weights} ({}
+    for a part stored in fp16)."""
+    parts: StoredParts = {}
+    for part, built in (("classifier", loaded.classifier), ("purifier", loaded.purifier)):
+        dtype = built.record.get("weights_dtype")
+        if dtype == "float16":
+            parts[part] = {}
+        elif dtype == "int8":
+            parts[part] = int8_weights(load_file(str(paths(built.path)[0])))
+    return parts
 
 
 def providers_for_checks() -> list[list[str]]:
@@ -150,10 +166,11 @@ def _check_defended(
 
 
 def _defended_plan(
-    pipeline: DefendedClassifier, size: int, config: ExportConfig, fp16_parts: tuple[str, ...]
+    pipeline: DefendedClassifier, size: int, config: ExportConfig, stored_parts: StoredParts
 ) -> list[PlannedModel]:
-    """The defended model for every input kind and precision: NAME[_uint8][_fp16]. `fp16_parts`: the parts
-    ("classifier", "purifier") whose checkpoints store their weights in fp16, as the FP32 model's file then does."""
+    """The defended model for every input kind and precision: NAME[_uint8][_fp16]. `stored_parts`: the parts
+    ("classifier", "purifier") whose checkpoints store their weights in fp16 or int8, as the FP32 model's file
+    then does."""
     plan = []
     for kind in config.inputs:
         images = checks.parity_images(kind, config.parity_images, size)
@@ -161,7 +178,7 @@ def _defended_plan(
             name = config.name + ("" if kind == "float" else f"_{kind}") + ("" if precision == "fp32" else "_fp16")
             tolerance = config.fp32_tolerance if precision == "fp32" else config.fp16_tolerance
             info = {"input": kind, "precision": precision, "role": "defended"}
-            export = partial(_export_defended, pipeline, kind, size, config, precision, fp16_parts)
+            export = partial(_export_defended, pipeline, kind, size, config, precision, stored_parts)
             plan.append(
                 PlannedModel(
                     name, kind, info, export, partial(_check_defended, pipeline, kind, size, images, tolerance)
@@ -224,8 +241,8 @@ def export_repository(
     pipeline, size = loaded.pipeline.eval(), loaded.image_size
     records = {"classifier": loaded.classifier.record, "purifier": loaded.purifier.record}
     reports: dict[str, dict] = {}
-    fp16_parts = tuple(part for part, record in records.items() if record.get("weights_dtype") == "float16")
-    for planned in _defended_plan(pipeline, size, config, fp16_parts) + _pieces_plan(pipeline, size, config):
+    stored_parts = _stored_parts(loaded)
+    for planned in _defended_plan(pipeline, size, config, stored_parts) + _pieces_plan(pipeline, size, config):
         model = strip_build_records(optimize_offline(planned.export(), config.optimization_level))
         set_metadata(
             model, _metadata(planned.kind, size, pipeline, records, _export_info(config, command, planned.info))

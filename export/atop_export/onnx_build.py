@@ -57,23 +57,38 @@ FOLD_INPUT_LIMIT = 8192
 
 
 def _widen(module: nn.Module, args: tuple) -> None:
-    module.weight = module.weight_fp16.float()
+    module.weight = module.weight_stored.float()
 
 
-def keep_weights_fp16(module: nn.Module) -> nn.Module:
-    """Make the export of `module` store its conv and linear weights in FP16 (those it was loaded with from a
-    checkpoint stored in fp16, `python -m atop_models.checkpoint half`): each becomes an FP16 buffer that a hook
-    widens before every call, so the graph reads it through a Cast. The exporter's optimizer then leaves it
-    alone: it folds neither a Cast of so large an input nor a BatchNorm into a weight that is not an initializer
-    (folded, the weight would no longer be FP16-exact). onnxruntime folds both when it loads the graph, so it
-    computes in FP32 with the same values as the module; only the file holds FP16. Weights under
-    FOLD_INPUT_LIMIT values are left as they are (the optimizer would fold them back). In place; returns it."""
-    for layer in module.modules():
+def _widen_scaled(module: nn.Module, args: tuple) -> None:
+    module.weight = module.weight_stored.float() * module.weight_scale
+
+
+def keep_weights_stored(
+    module: nn.Module, int8: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+) -> nn.Module:
+    """Make the export of `module` store its conv and linear weights as its checkpoint does: in FP16 (a
+    checkpoint stored in fp16, `python -m atop_models.checkpoint half`), or, for those named in `int8` (a
+    checkpoint stored in int8: {weight name: (int8 values, per-output-channel scales)}), in int8. Each becomes a
+    buffer that a hook widens before every call (times its scale), so the graph reads it through a Cast (and a
+    Mul). The exporter's optimizer then leaves it alone: it folds neither a Cast of so large an input nor a
+    BatchNorm into a weight that is not an initializer (folded, the weight would no longer be exact).
+    onnxruntime folds both when it loads the graph, so it computes in FP32 with the same values as the module;
+    only the file holds fewer bytes. Weights under FOLD_INPUT_LIMIT values are left as they are (the optimizer
+    would fold them back). In place; returns it."""
+    for name, layer in module.named_modules():
         if isinstance(layer, (nn.Conv2d, nn.Linear)) and layer.weight.numel() >= FOLD_INPUT_LIMIT:
+            quantized = (int8 or {}).get(f"{name}.weight")
             half = layer.weight.detach().half()
             del layer.weight
-            layer.register_buffer("weight_fp16", half)
-            layer.register_forward_pre_hook(_widen)
+            if quantized is None:
+                layer.register_buffer("weight_stored", half)
+                layer.register_forward_pre_hook(_widen)
+            else:
+                values, scale = quantized
+                layer.register_buffer("weight_stored", values)
+                layer.register_buffer("weight_scale", scale.view(-1, *[1] * (values.dim() - 1)))
+                layer.register_forward_pre_hook(_widen_scaled)
     return module
 
 

@@ -1,7 +1,9 @@
 """Checkpoints without pickle: tensors in safetensors, everything else in JSON beside them.
 
-  python -m atop_models.checkpoint half SOURCE TARGET        # a copy with fp16 weights (store_half)
-  python -m atop_models.checkpoint ensemble OUT MEMBER ...    # one classifier of several (save_ensemble)
+  python -m atop_models.checkpoint half SOURCE TARGET        # a copy with fp16 weights (store_rounded)
+  python -m atop_models.checkpoint int8 SOURCE TARGET        # a copy with int8 conv/linear weights (store_rounded)
+  python -m atop_models.checkpoint ensemble OUT MEMBER ...    # one classifier of several (save_combined)
+  python -m atop_models.checkpoint mixture OUT ROBUST ACCURATE --weight W [--sharpness S]   # (save_combined)
 
 A model checkpoint is ``<stem>.safetensors`` (the weights) + ``<stem>.json`` (what to build and how it was
 trained). A training state (optimizers, schedulers, RNG states, counters) is one safetensors file: its nested
@@ -17,7 +19,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
@@ -29,6 +31,13 @@ from atop_models.discriminator import DISCRIMINATORS
 from atop_models.purifiers import PURIFIERS
 
 FORMAT = "atop-checkpoint/1"
+StoredDtype = Literal["float16", "int8"]
+# An int8 checkpoint stores every conv and linear weight of at least this many values as int8 with one fp32
+# scale per output channel (symmetric, 127 steps each way), under `<name>` and `<name>` + INT8_SCALE; the rest
+# (smaller weights, BatchNorm) in fp16: they are a few percent of the bytes. The limit is the exporter's
+# (FOLD_INPUT_LIMIT), so that the served graph keeps exactly these weights in int8.
+INT8_MIN_VALUES = 8192
+INT8_SCALE = ".int8_scale"
 _BUILDERS = {"classifier": CLASSIFIERS, "purifier": PURIFIERS, "discriminator": DISCRIMINATORS}
 
 
@@ -65,11 +74,17 @@ def paths(stem: str | Path) -> tuple[Path, Path]:
 
 def save_model(stem: str | Path, model: nn.Module, kind: str, arch: str, arch_kwargs: dict, **meta: Any) -> Path:
     """Save weights + a JSON config that says how to rebuild the model (kind, arch, kwargs) and its recipe."""
+    return _save_tensors(stem, model.state_dict(), kind, arch, arch_kwargs, **meta)
+
+
+def _save_tensors(
+    stem: str | Path, tensors: dict[str, torch.Tensor], kind: str, arch: str, arch_kwargs: dict, **meta: Any
+) -> Path:
     if kind not in _BUILDERS:
         raise ValueError(f"kind must be one of {sorted(_BUILDERS)}, got {kind!r}")
     weights, config = paths(stem)
     weights.parent.mkdir(parents=True, exist_ok=True)
-    _write_tensors(weights, model.state_dict())
+    _write_tensors(weights, tensors)
     record = {"format": FORMAT, "kind": kind, "arch": arch, "arch_kwargs": arch_kwargs, **meta}
     record["weights_sha256"] = sha256_file(weights)
     _write_json(config, record)
@@ -95,25 +110,63 @@ def load_model(stem: str | Path, kind: str, map_location: str | torch.device = "
     if sha256_file(weights) != record["weights_sha256"]:
         raise ValueError(f"{weights} does not match the sha256 in its config: corrupted or replaced")
     model = _BUILDERS[kind].create(record["arch"], **record["arch_kwargs"])
-    model.load_state_dict(load_file(str(weights), device=str(map_location)))
+    tensors = load_file(str(weights), device=str(map_location))
+    if record.get("weights_dtype") == "int8":
+        tensors = {name: tensor for name, tensor in tensors.items() if not name.endswith(INT8_SCALE)} | {
+            name: dequantize_int8(q, scale) for name, (q, scale) in int8_weights(tensors).items()
+        }
+    model.load_state_dict(tensors)
     return model, record
 
 
-def store_half(source: str | Path, target: str | Path) -> Path:
-    """Copy a model checkpoint with its floating-point tensors stored in fp16 (integer buffers as they are): half
-    the bytes, for the shipped models' size budget. A model loaded from the copy computes in fp32 on the rounded
-    weights, so its figures are measured on the copy; its record keeps the source's sha256 (`rounded_from`)."""
+def int8_weights(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{weight name: (its int8 values, its per-output-channel fp32 scales)} of an int8 checkpoint's tensors."""
+    return {
+        name[: -len(INT8_SCALE)]: (tensors[name[: -len(INT8_SCALE)]], scale)
+        for name, scale in tensors.items()
+        if name.endswith(INT8_SCALE)
+    }
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: the largest magnitude of each channel maps to 127."""
+    scale = weight.detach().abs().flatten(1).amax(1).float().clamp_min(torch.finfo(torch.float32).tiny) / 127
+    return (weight.detach().float() / _per_channel(scale, weight)).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight an int8 checkpoint holds: exactly what the served graph computes from it (Cast, Mul)."""
+    return q.float() * _per_channel(scale, q)
+
+
+def _per_channel(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return scale.view(-1, *[1] * (like.dim() - 1))
+
+
+def store_rounded(source: str | Path, target: str | Path, dtype: StoredDtype) -> Path:
+    """Copy a model checkpoint with its floating-point tensors stored in fewer bytes, for the shipped models' size
+    budget: "float16" (half the bytes) or "int8" (conv and linear weights in int8 with per-channel scales, the
+    rest in fp16: about a quarter). A model loaded from the copy computes in fp32 on the rounded weights, so its
+    figures are measured on the copy; its record keeps the source's sha256 (`rounded_from`)."""
     model, record = load_model(source, read_config(source)["kind"])  # checks the source's sha256
-    built_from = ("format", "kind", "arch", "arch_kwargs", "weights_sha256")  # save_model writes these anew
+    built_from = ("format", "kind", "arch", "arch_kwargs", "weights_sha256")  # _save_tensors writes these anew
     meta = {key: value for key, value in record.items() if key not in built_from}
-    meta |= {"weights_dtype": "float16", "rounded_from": record["weights_sha256"]}
+    meta |= {"weights_dtype": dtype, "rounded_from": record["weights_sha256"]}
+    if dtype not in ("float16", "int8"):
+        raise ValueError(f"dtype must be 'float16' or 'int8', got {dtype!r}")
+    int8: dict[str, torch.Tensor] = {}
+    for name, layer in model.named_modules() if dtype == "int8" else ():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)) and layer.weight.numel() >= INT8_MIN_VALUES:
+            int8[f"{name}.weight"], int8[f"{name}.weight{INT8_SCALE}"] = quantize_int8(layer.weight)
     # Module.half() rounds the floating-point parameters and buffers and leaves integer buffers as they are.
-    return save_model(target, model.half(), record["kind"], record["arch"], record["arch_kwargs"], **meta)
+    tensors = model.half().state_dict() | int8
+    return _save_tensors(target, tensors, record["kind"], record["arch"], record["arch_kwargs"], **meta)
 
 
-def save_ensemble(out: str | Path, members: list[str | Path]) -> Path:
-    """One classifier checkpoint (arch "ensemble": the mean of the members' logits) holding `members`, trained
-    classifier checkpoints of the same classes and image size; its record keeps each member's (sha256 included)."""
+def save_combined(out: str | Path, arch: str, members: list[str | Path], **settings: float) -> Path:
+    """One classifier checkpoint of trained classifier checkpoints of the same classes and image size: arch
+    "ensemble" (the mean of the members' logits) or "mixture" (robust, accurate; `settings` weight and
+    sharpness). Its record keeps each member's (sha256 included)."""
     loaded = [load_model(member, "classifier") for member in members]
     records = [record for _, record in loaded]
     for key in ("classes", "image_size"):
@@ -122,13 +175,14 @@ def save_ensemble(out: str | Path, members: list[str | Path]) -> Path:
     kwargs = {
         "members": [{"arch": r["arch"], "arch_kwargs": r["arch_kwargs"]} for r in records],
         "num_classes": len(records[0]["classes"]),
+        **settings,
     }
-    model = CLASSIFIERS.create("ensemble", **kwargs)
+    model = CLASSIFIERS.create(arch, **kwargs)
     for member, (trained, _) in zip(model.members, loaded, strict=True):
         member.load_state_dict(trained.state_dict())
     members_records = [{"path": str(path), **record} for path, record in zip(members, records, strict=True)]
     meta = {"classes": records[0]["classes"], "image_size": records[0]["image_size"], "members": members_records}
-    return save_model(out, model, "classifier", "ensemble", kwargs, **meta)
+    return save_model(out, model, "classifier", arch, kwargs, **meta)
 
 
 @dataclass(frozen=True)
@@ -197,18 +251,29 @@ def load_state(path: str | Path) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m atop_models.checkpoint", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    half = commands.add_parser("half", help="copy a model checkpoint with its weights stored in fp16")
-    half.add_argument("source", help="checkpoint stem (or its .safetensors / .json)")
-    half.add_argument("target", help="the copy's stem")
+    for dtype, help_text in (("half", "its weights stored in fp16"), ("int8", "its conv/linear weights in int8")):
+        rounded = commands.add_parser(dtype, help=f"copy a model checkpoint with {help_text}")
+        rounded.add_argument("source", help="checkpoint stem (or its .safetensors / .json)")
+        rounded.add_argument("target", help="the copy's stem")
     ensemble = commands.add_parser("ensemble", help="one classifier checkpoint from trained classifiers")
     ensemble.add_argument("out", help="the ensemble's checkpoint stem")
     ensemble.add_argument("members", nargs="+", help="the members' checkpoint stems")
+    mixture = commands.add_parser("mixture", help="one classifier mixing a robust and an accurate classifier")
+    mixture.add_argument("out", help="the mixture's checkpoint stem")
+    mixture.add_argument("robust", help="the robust member's checkpoint stem")
+    mixture.add_argument("accurate", help="the accurate member's checkpoint stem")
+    mixture.add_argument("--weight", type=float, required=True, help="the robust member's share, in (0, 1)")
+    mixture.add_argument("--sharpness", type=float, default=1.0, help="scale of the robust member's logits")
     args = parser.parse_args(argv)
-    if args.command == "half":
-        weights, source = store_half(args.source, args.target), paths(args.source)[0]
+    if args.command in ("half", "int8"):
+        dtype: StoredDtype = "float16" if args.command == "half" else "int8"
+        weights, source = store_rounded(args.source, args.target, dtype), paths(args.source)[0]
         print(f"{weights}: {weights.stat().st_size / 2**20:.2f} MiB (from {source.stat().st_size / 2**20:.2f})")
+    elif args.command == "ensemble":
+        print(save_combined(args.out, "ensemble", args.members))
     else:
-        print(save_ensemble(args.out, args.members))
+        members = [args.robust, args.accurate]
+        print(save_combined(args.out, "mixture", members, weight=args.weight, sharpness=args.sharpness))
 
 
 if __name__ == "__main__":

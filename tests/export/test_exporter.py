@@ -11,11 +11,12 @@ import onnx
 import pytest
 import torch
 from conftest import REPO, make_tiny_checkpoints
+from safetensors.torch import load_file
 
 from atop_export import checks
 from atop_export.cli import main
 from atop_export.onnx_build import FOLD_INPUT_LIMIT
-from atop_models.checkpoint import store_half
+from atop_models.checkpoint import int8_weights, store_rounded
 from atop_models.defended import load_defended
 from atop_models.rt import RTConfig
 from atop_server.repository import ModelLoadError, ModelNotFoundError, list_models, load_model
@@ -271,13 +272,14 @@ def initializer_bytes(graph: onnx.GraphProto) -> int:
     return sum(onnx.numpy_helper.to_array(i).nbytes for i in graph.initializer)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
 @pytest.mark.parametrize("part", ["classifier", "purifier"])
-def test_a_part_stored_in_fp16_keeps_its_weights_fp16_in_the_served_graph(tmp_path, part):
+def test_a_part_stored_in_fewer_bytes_keeps_its_weights_so_in_the_served_graph(tmp_path, part, dtype):
     checkpoints = dict(zip(("classifier", "purifier"), make_checkpoints(tmp_path, 32), strict=True))
-    half = tmp_path / f"{part}-fp16"
-    store_half(checkpoints[part], half)
+    rounded_path = tmp_path / f"{part}-{dtype}"
+    store_rounded(checkpoints[part], rounded_path, dtype)
     graphs = {}
-    for name, weights in (("fp32", checkpoints), ("fp16", checkpoints | {part: half})):
+    for name, weights in (("fp32", checkpoints), ("rounded", checkpoints | {part: rounded_path})):
         repository = tmp_path / name
         # atop-export's own checks compare the graph with the PyTorch pipeline built from the same checkpoints
         main(
@@ -291,19 +293,25 @@ def test_a_part_stored_in_fp16_keeps_its_weights_fp16_in_the_served_graph(tmp_pa
             ]
         )
         graphs[name] = onnx.load(str(repository / "atop_cifar10" / "1" / "model.onnx")).graph
-    rounded = getattr(load_defended(**(checkpoints | {part: half})), part).model.state_dict()
+    rounded = getattr(load_defended(**(checkpoints | {part: rounded_path})), part).model.state_dict()
     expected = {
         name: tensor
         for name, tensor in rounded.items()
         if name.endswith("weight") and tensor.dim() in (2, 4) and tensor.numel() >= FOLD_INPUT_LIMIT
     }
+    stored = int8_weights(load_file(str(rounded_path) + ".safetensors"))
     prefix = f"core/pipeline.{part}."
-    fp16 = {i.name: i for i in graphs["fp16"].initializer if i.data_type == onnx.TensorProto.FLOAT16}
-    # every conv and linear weight the optimizer would not fold back, stored exactly as the fp16 checkpoint holds
-    # it and not folded with a BatchNorm; nothing of the other part is
-    assert sorted(name.removeprefix(prefix).removesuffix("_fp16") for name in fp16) == sorted(expected)
-    for name, initializer in fp16.items():
-        weight = expected[name.removeprefix(prefix).removesuffix("_fp16")]
-        assert np.array_equal(onnx.numpy_helper.to_array(initializer), weight.half().numpy()), name
-    saved = sum(tensor.numel() * 2 for tensor in expected.values())
-    assert expected and initializer_bytes(graphs["fp32"]) - initializer_bytes(graphs["fp16"]) == saved
+    onnx_dtype = onnx.TensorProto.FLOAT16 if dtype == "float16" else onnx.TensorProto.INT8
+    kept = {i.name.removeprefix(prefix).removesuffix("_stored"): i for i in graphs["rounded"].initializer}
+    kept = {name: i for name, i in kept.items() if i.data_type == onnx_dtype}
+    # every conv and linear weight the optimizer would not fold back, stored exactly as the checkpoint holds it
+    # and not folded with a BatchNorm; nothing of the other part is
+    assert sorted(kept) == sorted(expected)
+    for name, initializer in kept.items():
+        weight = expected[name].half().numpy() if dtype == "float16" else stored[name][0].numpy()
+        assert np.array_equal(onnx.numpy_helper.to_array(initializer), weight), name
+    saved = sum(tensor.numel() * (2 if dtype == "float16" else 3) for tensor in expected.values())
+    # int8: the per-channel scales come in (the optimizer shares equal ones between layers)
+    scales = sum(onnx.numpy_helper.to_array(i).nbytes for i in graphs["rounded"].initializer if "_scale" in i.name)
+    assert (scales > 0) == (dtype == "int8")
+    assert expected and initializer_bytes(graphs["fp32"]) - initializer_bytes(graphs["rounded"]) == saved - scales

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import safetensors.torch
 import torch
 
 from atop_models import checkpoint
@@ -53,6 +54,40 @@ def test_a_checkpoint_stored_in_fp16_loads_the_rounded_weights_at_half_the_bytes
         expected = value.half().float() if value.is_floating_point() else value  # integers are not rounded
         assert torch.equal(kept, expected), name
     assert not torch.equal(loaded.state_dict()["head.weight"], model.state_dict()["head.weight"])
+
+
+def test_a_checkpoint_stored_in_int8_loads_per_channel_rounded_weights_at_a_quarter_of_the_bytes(tmp_path):
+    model = CLASSIFIERS.create("airbench", widths=(16, 32, 64))
+    model(torch.rand(8, 3, 32, 32))
+    source = checkpoint.save_model(tmp_path / "c", model, "classifier", "airbench", {"widths": [16, 32, 64]})
+    checkpoint.main(["int8", str(tmp_path / "c"), str(tmp_path / "q")])
+    loaded, record = checkpoint.load_model(tmp_path / "q", "classifier")
+    assert (
+        record["weights_dtype"] == "int8" and record["rounded_from"] == checkpoint.read_config(source)["weights_sha256"]
+    )
+    stored = safetensors.torch.load_file(str(tmp_path / "q.safetensors"))
+    quantized = checkpoint.int8_weights(stored)
+    large = {
+        f"{name}.weight"
+        for name, layer in model.named_modules()
+        if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)) and layer.weight.numel() >= checkpoint.INT8_MIN_VALUES
+    }
+    assert set(quantized) == large and len(large) >= 3
+    assert (tmp_path / "q.safetensors").stat().st_size < 0.35 * source.stat().st_size
+    for name, value in model.state_dict().items():
+        kept = loaded.state_dict()[name]
+        assert kept.dtype == value.dtype, name
+        if name in large:
+            q, scale = quantized[name]
+            assert q.dtype == torch.int8 and q.abs().flatten(1).amax(1).eq(127).all(), (
+                name
+            )  # every channel's range used
+            step = scale.view(-1, *[1] * (value.dim() - 1))
+            assert torch.equal(kept, q.float() * step) and (kept - value).abs().le(step / 2 + 1e-7).all(), name
+        else:
+            assert torch.equal(kept, value.half().float() if value.is_floating_point() else value), name
+    with pytest.raises(ValueError, match="dtype must be"):
+        checkpoint.store_rounded(source, tmp_path / "x", "int4")  # type: ignore[arg-type]
 
 
 def test_training_state_round_trip_without_pickle(tmp_path):

@@ -40,7 +40,7 @@ def test_whitening_init_decorrelates_patches():
 
 
 def test_unknown_architecture_is_a_clear_error():
-    with pytest.raises(KeyError, match="unknown classifier 'vgg'; known: airbench, ensemble, resnet18"):
+    with pytest.raises(KeyError, match="unknown classifier 'vgg'; known: airbench, ensemble, mixture, resnet18"):
         CLASSIFIERS.create("vgg")
 
 
@@ -89,4 +89,35 @@ def test_an_ensemble_serves_the_mean_of_its_members_logits(tmp_path):
     meta = {"classes": list("abc"), "image_size": 32}
     odd = checkpoint.save_model(tmp_path / "o", other, "classifier", "airbench", kwargs, **meta)
     with pytest.raises(ValueError, match="the members' classes differ"):
-        checkpoint.save_ensemble(tmp_path / "bad", [paths[0], odd])
+        checkpoint.save_combined(tmp_path / "bad", "ensemble", [paths[0], odd])
+
+
+def test_a_mixture_serves_log_probabilities_of_its_weighted_members(tmp_path):
+    paths = []
+    for i, widths in enumerate(([8, 16, 16], [16, 16, 32])):
+        torch.manual_seed(i)
+        kwargs = {"widths": widths, "num_classes": 4}
+        model = CLASSIFIERS.create("airbench", **kwargs)
+        model(torch.rand(8, 3, 32, 32))  # BatchNorm statistics off their initial values
+        meta = {"classes": list("abcd"), "image_size": 32}
+        paths.append(checkpoint.save_model(tmp_path / f"m{i}", model, "classifier", "airbench", kwargs, **meta))
+    stems = [str(p.with_suffix("")) for p in paths]
+    checkpoint.main(["mixture", str(tmp_path / "mix"), *stems, "--weight", "0.7", "--sharpness", "3"])
+    mixture, record = checkpoint.load_model(tmp_path / "mix", "classifier")
+    robust, accurate = (checkpoint.load_model(p, "classifier")[0].eval() for p in paths)
+    assert record["arch"] == "mixture" and record["arch_kwargs"]["weight"] == 0.7
+    x = torch.rand(5, 3, 32, 32)
+    mixture.eval()
+    with torch.no_grad():
+        probabilities = 0.7 * torch.softmax(3 * robust(x), 1) + 0.3 * torch.softmax(accurate(x), 1)
+        assert torch.allclose(mixture(x), probabilities.log(), atol=1e-5)
+        assert torch.allclose(mixture.forward_head(mixture.forward_features(x)), mixture(x), atol=1e-5)
+
+    # Whatever the accurate member says moves at most 1 - weight of the probability: where the sharpened robust
+    # member gives the right class more than (1 - weight) + weight * (its runner-up), the answer stays right.
+    sure = torch.tensor([[4.0, 0.0, 0.0, 0.0]])  # softmax: 0.948 on class 0
+    for attacked in (torch.tensor([[-1e4, 1e4, 0.0, 0.0]]), torch.tensor([[0.0, 0.0, 0.0, 1e4]])):
+        assert mixture.combine([sure / 3, attacked]).argmax(1).item() == 0
+    assert mixture.combine([torch.zeros(1, 4), torch.tensor([[0.0, 9.0, 0.0, 0.0]])]).argmax(1).item() == 1
+    with pytest.raises(ValueError, match="weight must be in"):
+        checkpoint.save_combined(tmp_path / "bad", "mixture", stems, weight=1.0, sharpness=1.0)

@@ -6,6 +6,7 @@ splits into ``forward_features`` + ``forward_head`` (timm's convention).
 
 from atop_models.classifiers import airbench as _airbench  # noqa: F401  (registers "airbench")
 from atop_models.classifiers import ensemble as _ensemble  # noqa: F401  (registers "ensemble")
+from atop_models.classifiers import mixture as _mixture  # noqa: F401  (registers "mixture")
 from atop_models.classifiers import resnet as _resnet  # noqa: F401  (registers "resnet18")
 from atop_models.classifiers.registry import CLASSIFIERS
 

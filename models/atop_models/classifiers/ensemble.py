@@ -11,7 +11,9 @@ from torch import nn
 from atop_models.classifiers.registry import CLASSIFIERS
 
 
-class Ensemble(nn.Module):
+class Members(nn.Module):
+    """Trained classifiers run side by side; subclasses say how their logits become one answer (`combine`)."""
+
     def __init__(self, members: list[dict], num_classes: int = 10) -> None:
         """members: each member's {"arch", "arch_kwargs"}, as its checkpoint records them."""
         super().__init__()
@@ -20,16 +22,24 @@ class Ensemble(nn.Module):
         )
         self.num_features = sum(m.num_features for m in self.members)
 
+    def combine(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([m.forward_features(x) for m in self.members], 1)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         parts = features.split([m.num_features for m in self.members], 1)
-        return torch.stack([m.forward_head(f) for m, f in zip(self.members, parts, strict=True)]).mean(0)
+        return self.combine([m.forward_head(f) for m, f in zip(self.members, parts, strict=True)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Each member's own forward, so its test-time averaging (airbench's mirror) applies in eval mode.
-        return torch.stack([m(x) for m in self.members]).mean(0)
+        return self.combine([m(x) for m in self.members])
+
+
+class Ensemble(Members):
+    def combine(self, logits: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(logits).mean(0)
 
 
 @CLASSIFIERS.register("ensemble")
