@@ -8,6 +8,7 @@ import torchattacks
 
 from atop_models.attacks import FGSM, PGD, EOTGradient
 from atop_models.checkpoint import load_model, read_config, save_model
+from atop_models.classifiers import CLASSIFIERS
 from atop_models.data import load_split
 from atop_models.evaluation import named_attacks
 from atop_models.evaluation.clean import main as clean_accuracy_main
@@ -68,6 +69,28 @@ def test_attacks_stay_in_the_ball_and_in_range(trained, name, norm, epsilon):
         assert (size > 0).any()
     else:  # every image is attacked, those that one draw of the clean input already got wrong included
         assert (size > 0).all()
+
+
+def test_the_robust_member_attack_runs_pgd_eot_through_the_pipeline_on_the_mixtures_robust_member(trained):
+    out, classifier, x, y, _ = trained
+    purifier = load_model(out / "purifier", "purifier")[0].eval().requires_grad_(False)
+    members = [{"arch": "airbench", "arch_kwargs": read_config(out / "cls" / "classifier")["arch_kwargs"]}] * 2
+    mixture = CLASSIFIERS.create("mixture", members=members, weight=0.6, num_classes=classifier.head.out_features)
+    for member in mixture.members:
+        member.load_state_dict(classifier.state_dict())
+    mixture.members[1].head.weight.data.neg_()  # an accurate member that disagrees, so that the two attacks differ
+    mixture.eval()
+    rt = RandomTransform(RTConfig())
+    spec = named_attacks.parse("pgd-eot-robust:steps=3:eot=2", 3, 3, 2)
+    expected_spec = named_attacks.parse("pgd-eot:steps=3:eot=2", 3, 3, 2)
+    attacked = []
+    for attack, target in ((spec, mixture), (expected_spec, classifier)):
+        defense = DefendedClassifier(rt, purifier, target, PipelineConfig()).eval()
+        torch.manual_seed(0)
+        attacked.append(named_attacks.run(attack, defense, target, x[:8], y[:8], "linf", 8 / 255, True, seed=0))
+    assert torch.equal(attacked[0], attacked[1])
+    with pytest.raises(ValueError, match="attacks a mixture classifier, not a"):
+        named_attacks.run(spec, classifier, classifier, x[:2], y[:2], "linf", 8 / 255, False, seed=0)
 
 
 @pytest.mark.parametrize("name", ["apgd-ce", "apgd-dlr", "autoattack-rand"])

@@ -32,6 +32,10 @@ class Mixture(Members):
         super().__init__(members, num_classes)
         self.weight, self.sharpness = weight, sharpness
 
+    @property
+    def robust(self) -> nn.Module:
+        return self.members[0]
+
     def combine(self, logits: list[torch.Tensor]) -> torch.Tensor:
         robust, accurate = logits
         # In log space (logsumexp of log-weighted log-softmaxes): no log(0) when one member is certain.

@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         "--attacks",
         nargs="+",
         default=list(defaults.attacks),
-        help="pgd-eot, apgd-ce, apgd-dlr, autoattack-rand, fgsm, transfer-pgd; overrides as pgd-eot:steps=400:eot=40",
+        help="pgd-eot, apgd-ce, apgd-dlr, autoattack-rand, fgsm, pgd-eot-robust (mixtures), transfer-pgd; "
+        "overrides as pgd-eot:steps=400:eot=40",
     )
     parser.add_argument("--norms", nargs="+", choices=["linf", "l2"], default=list(defaults.norms))
     parser.add_argument("--linf-epsilons", nargs="+", type=epsilon, default=list(defaults.linf_epsilons))

@@ -4,6 +4,9 @@ pgd-eot          PGD with EOT over RT draws through the whole defense (exact gra
 apgd-ce/-dlr     APGD with EOT (torchattacks' implementation of AutoAttack's APGD loop, on every image)
 autoattack-rand  AutoAttack's version for randomized defenses: APGD-CE and APGD-DLR, the worse of the two kept
 fgsm             one signed-gradient step (EOT-averaged gradient) through the whole defense
+pgd-eot-robust   for a mixture classifier: PGD-EOT through the whole defense with only the mixture's robust
+                 member in the classifier's place, then evaluated on the whole: the attack a mixture invites
+                 (its accurate member falls to anything; the robust one is what holds the answer)
 transfer-pgd     PGD on the bare classifier, then evaluated on the defense: NON-ADAPTIVE (upstream's protocol)
 """
 
@@ -16,8 +19,10 @@ import torchattacks
 from torch import nn
 
 from atop_models.attacks import FGSM, PGD, EOTGradient, Norm
+from atop_models.classifiers.mixture import Mixture
+from atop_models.pipeline import DefendedClassifier
 
-ADAPTIVE = ("pgd-eot", "apgd-ce", "apgd-dlr", "autoattack-rand", "fgsm")
+ADAPTIVE = ("pgd-eot", "apgd-ce", "apgd-dlr", "autoattack-rand", "fgsm", "pgd-eot-robust")
 NAMES = (*ADAPTIVE, "transfer-pgd")
 
 
@@ -110,6 +115,15 @@ def least_correct(defense: nn.Module, candidates: list[torch.Tensor], y: torch.T
     return torch.stack(candidates)[pick, torch.arange(len(y))]
 
 
+def _robust_member_in_place(defense: nn.Module, classifier: nn.Module) -> nn.Module:
+    """The defense with the mixture classifier's robust member as its classifier (the same RT and purifier)."""
+    if not isinstance(classifier, Mixture):
+        raise ValueError(f"pgd-eot-robust attacks a mixture classifier, not a {type(classifier).__name__}")
+    if isinstance(defense, DefendedClassifier):
+        return DefendedClassifier(defense.rt, defense.purifier, classifier.robust, defense.config)
+    return classifier.robust  # the undefended mixture
+
+
 def run(
     spec: AttackSpec,
     defense: nn.Module,
@@ -128,6 +142,10 @@ def run(
         return PGD(EOTGradient(defense, eot), epsilon, step, spec.steps, norm)(x, y)
     if spec.name == "fgsm":
         return FGSM(EOTGradient(defense, eot), epsilon, norm)(x, y)
+    if spec.name == "pgd-eot-robust":
+        return PGD(EOTGradient(_robust_member_in_place(defense, classifier), eot), epsilon, step, spec.steps, norm)(
+            x, y
+        )
     if spec.name == "transfer-pgd":
         return PGD(EOTGradient(classifier, 1), epsilon, step, spec.steps, norm)(x, y)
     losses = (spec.name[5:],) if spec.name in ("apgd-ce", "apgd-dlr") else ("ce", "dlr")  # autoattack-rand
