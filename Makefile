@@ -134,14 +134,18 @@ SERVED_CLASSIFIER_EPOCHS ?= 30
 SERVED_CLASSIFIER = $(AT_RECIPE) --adv-kind pgd --adv-steps 2 --seed 1 --eval-robust-images 256 \
     --out $(RUNS)/classifier-served --epochs $(SERVED_CLASSIFIER_EPOCHS)
 SERVED_CLASSIFIER_FINISH = --adv-steps 3 --adv-step-size 0.026143790849673203 --seed 2
-# v9 serves the mean of two classifiers' logits: v8's and one 1.5x wider (96/384/384, lr scaled by airbench96's
-# ratio), PGD-3 from the start for 30 epochs, seed 1. v9's wide member was trained on a lent H200 in bf16 autocast
-# (332 s; add --precision bf16 to train it the same way on a CPU, ~1 day on 2 cores). The ensemble (+2.5 clean
-# points over v8 at its robustness) and the purifier are stored in fp16 so that the shipped weights keep within
-# 30 MB (docs/robustness.md, "v9").
-WIDE_CLASSIFIER = atop-train classifier --data-source $(DATA) --out $(RUNS)/classifier-wide --epochs 30 \
-    --arch-kwargs '{"flip_average": true, "widths": [96, 384, 384]}' --lr 1.173913 --seed 1 \
-    --adv-kind pgd --adv-steps 3 --adv-step-size 0.02614392156862745
+# v10 serves the mean of three classifiers' logits: v8's and two 1.5x wider (96/384/384, lr scaled by
+# airbench96's ratio) for 30 epochs, seed 1: one with PGD-3 from the start (v9's second member), one with PGD-4
+# (4 steps of 5/255), whose divergence guard halts it in its last epoch with epoch 29 kept (atop-train then exits
+# non-zero: the recipe goes on with the kept classifier). Both wide members were trained on a lent H200 in bf16
+# autocast (332 s and 174 s; add --precision bf16 to train them the same way on a CPU, ~1 day each on 2 cores).
+# The ensemble is stored in int8 and the purifier in fp16, so that the shipped weights keep within 30 MB
+# (docs/robustness.md, "v10").
+WIDE_RECIPE = atop-train classifier --data-source $(DATA) --epochs 30 --lr 1.173913 --seed 1 --adv-kind pgd \
+    --arch-kwargs '{"flip_average": true, "widths": [96, 384, 384]}'
+WIDE_CLASSIFIER = $(WIDE_RECIPE) --out $(RUNS)/classifier-wide --adv-steps 3 --adv-step-size 0.02614392156862745
+WIDE_PGD4_CLASSIFIER = $(WIDE_RECIPE) --out $(RUNS)/classifier-wide-pgd4 --adv-steps 4 \
+    --adv-step-size 0.0196078431372549
 CHECKPOINT = $(RUN) python -m atop_models.checkpoint
 train-default: install
 	$(RUN) atop-train classifier --out $(RUNS)/classifier --data-source $(DATA) --data-eval-images 0 \
@@ -162,9 +166,10 @@ train-default: install
 	    --classifier $(RUNS)/pipeline/classifier
 	$(RUN) $(SERVED_CLASSIFIER) || $(RUN) $(SERVED_CLASSIFIER) $(SERVED_CLASSIFIER_FINISH)
 	$(RUN) $(WIDE_CLASSIFIER)
+	$(RUN) $(WIDE_PGD4_CLASSIFIER) || test -f $(RUNS)/classifier-wide-pgd4/classifier.json
 	$(CHECKPOINT) ensemble $(RUNS)/ensemble/classifier $(RUNS)/classifier-served/classifier \
-	    $(RUNS)/classifier-wide/classifier
-	$(CHECKPOINT) half $(RUNS)/ensemble/classifier $(RUNS)/served/classifier
+	    $(RUNS)/classifier-wide/classifier $(RUNS)/classifier-wide-pgd4/classifier
+	$(CHECKPOINT) int8 $(RUNS)/ensemble/classifier $(RUNS)/served/classifier
 	$(CHECKPOINT) half $(RUNS)/alternation/purifier $(RUNS)/served/purifier
 
 # Copy a finished recipe's checkpoints over the shipped ones (then `make export` to rebuild the repository).

@@ -13,7 +13,7 @@
 #   w96-p3-30   widths (96, 384, 384), lr 1.17 (airbench96's ratio), 30 epochs: the candidate, against v8
 # Evaluation of each finished classifier behind the served RT and purifier (models/zoo/purifier): clean on all
 # 10,000, PGD-EOT 20 x 4 on the 512, the classifier served bare under PGD-20 + AutoAttack-rand on the 512, the
-# worst case of PGD-EOT + AutoAttack-rand on the 128; and the served model's (v9's) full-strength pair
+# worst case of PGD-EOT + AutoAttack-rand on the 128; and the served model's (v10's) full-strength pair
 # (PGD-200 x EOT-20, AutoAttack-rand 100 x 20) on those 128 (the first plan's did v8's: docs/robustness/v8/full-128/;
 # the CPU has v9's on 64, where it broke a few images the quick pair did not).
 # Needs: the repository root as working directory, .data/cifar10-jpg.tar.gz and .whl/ (torchattacks) carried.
@@ -122,7 +122,7 @@ for split in ('train', 'test'):
     launch() { setsid nohup bash docs/robustness/gpu/run.sh job "$@" >>"$W/jobs.log" 2>&1 & }
     launch train w64-p3-15 "[64, 256, 256]" 8 3 6.6667 $EPOCHS15 1.5
     launch train w96-p3-30 "[96, 384, 384]" 8 3 6.6667 $EPOCHS30 1.173913
-    launch attack "$W/v9/full-128" --classifier models/zoo/classifier --atop models/zoo/purifier \
+    launch attack "$W/served/full-128" --classifier models/zoo/classifier --atop models/zoo/purifier \
         --defenses rt+atop --images $IMG128 --batch-size 64 --attacks pgd-eot autoattack-rand \
         --pgd-steps $FULL_STEPS --apgd-steps $((FULL_STEPS / 2)) --eot $FULL_EOT
     sleep 5
