@@ -364,20 +364,45 @@ BREAKAGES = [
     Breakage(
         "a checkpoint stored in fp16 keeps its weights in fp32",
         "models/atop_models/checkpoint.py",
-        (("model.half(), record", "model, record"),),
+        (("tensors = model.half().state_dict() | int8", "tensors = model.state_dict() | int8"),),
         "tests/models/test_checkpoint.py::test_a_checkpoint_stored_in_fp16_loads_the_rounded_weights_at_half_the_bytes",
     ),
     Breakage(
-        "the exporter widens an fp16-stored part's weights in the file",
-        "export/atop_export/exporter.py",
-        (('if fp16_parts and precision == "fp32":', "if False:"),),
-        "tests/export/test_exporter.py::test_a_part_stored_in_fp16_keeps_its_weights_fp16_in_the_served_graph",
+        "an int8 checkpoint loads its int8 values without their scales",
+        "models/atop_models/checkpoint.py",
+        (("return q.float() * _per_channel(scale, q)", "return q.float()"),),
+        "tests/models/test_checkpoint.py::"
+        "test_a_checkpoint_stored_in_int8_loads_per_channel_rounded_weights_at_a_quarter_of_the_bytes",
     ),
     Breakage(
-        "the exporter keeps fp16 storage for the classifier only",
+        "the exporter widens an fp16- or int8-stored part's weights in the file",
         "export/atop_export/exporter.py",
-        (("records.items() if", 'records.items() if part == "classifier" and'),),
-        "tests/export/test_exporter.py::test_a_part_stored_in_fp16_keeps_its_weights_fp16_in_the_served_graph",
+        (('if stored_parts and precision == "fp32":', "if False:"),),
+        "tests/export/test_exporter.py::test_a_part_stored_in_fewer_bytes_keeps_its_weights_so_in_the_served_graph",
+    ),
+    Breakage(
+        "the exporter keeps the stored dtype for the classifier only",
+        "export/atop_export/exporter.py",
+        (
+            (
+                '(("classifier", loaded.classifier), ("purifier", loaded.purifier))',
+                '(("classifier", loaded.classifier),)',
+            ),
+        ),
+        "tests/export/test_exporter.py::test_a_part_stored_in_fewer_bytes_keeps_its_weights_so_in_the_served_graph",
+    ),
+    Breakage(
+        "a mixture ignores its weight",
+        "models/atop_models/classifiers/mixture.py",
+        (("+ math.log(self.weight),", "+ math.log(0.5),"), ("+ math.log1p(-self.weight),", "+ math.log(0.5),")),
+        "tests/models/test_classifiers.py::test_a_mixture_serves_log_probabilities_of_its_weighted_members",
+    ),
+    Breakage(
+        "the robust-member attack attacks the whole mixture",
+        "models/atop_models/evaluation/named_attacks.py",
+        (("defense.purifier, classifier.robust, defense.config)", "defense.purifier, classifier, defense.config)"),),
+        "tests/models/test_evaluation.py::"
+        "test_the_robust_member_attack_runs_pgd_eot_through_the_pipeline_on_the_mixtures_robust_member",
     ),
     Breakage(
         "the shipped graph keeps PyTorch's stack traces",
