@@ -394,7 +394,12 @@ BREAKAGES = [
     Breakage(
         "a mixture ignores its weight",
         "models/atop_models/classifiers/mixture.py",
-        (("+ math.log(self.weight),", "+ math.log(0.5),"), ("+ math.log1p(-self.weight),", "+ math.log(0.5),")),
+        (
+            (
+                "return mix_log_probabilities(robust, accurate, self.weight, self.sharpness)",
+                "return mix_log_probabilities(robust, accurate, 0.5, self.sharpness)",
+            ),
+        ),
         "tests/models/test_classifiers.py::test_a_mixture_serves_log_probabilities_of_its_weighted_members",
     ),
     Breakage(

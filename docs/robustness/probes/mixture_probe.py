@@ -1,10 +1,10 @@
-"""Probe (2026-12-05): mixing a robust classifier R (v9's served ensemble) with an accurate one S (v1's classifier,
-trained on clean images) behind the same RT + purifier: out = log((1-a) softmax(S) + a softmax(b R)), the
-`mixture` classifier's formula. Clean grid on the first N of a class-balanced test subset (one RT draw, shared
-by both), then PGD-EOT 20 x 4 through the whole mixture for each given "a,b" on the first M of them
-(a = 1: R alone).
+"""Probe (2026-12-05): mixing a robust classifier R (v9's served ensemble) with an accurate one S (v1's
+classifier, trained on clean images) behind the same RT + purifier: out = log((1-a) softmax(S) + a softmax(b R)),
+the `mixture` classifier's formula (its `mix_log_probabilities`). Clean grid on the first N of a class-balanced
+test subset (one RT draw, shared by both), then PGD-EOT 20 x 4 through the whole mixture for each given "a,b"
+on the first M of them (a = 1: R alone).
 
-  python docs/robustness/probes/mixture_probe.py V1_CLASSIFIER N M a,b ...
+  python docs/robustness/probes/mixture_probe.py ROBUST_CLASSIFIER V1_CLASSIFIER N M a,b ...
 """
 
 import json
@@ -12,23 +12,23 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from atop_models.attacks import PGD, EOTGradient
 from atop_models.checkpoint import load_model
+from atop_models.classifiers.mixture import mix_log_probabilities
 from atop_models.data import load_split
 from atop_models.defended import load_defended
 
 torch.set_num_threads(2)
-std_path = sys.argv[1]
-N, M = int(sys.argv[2]), int(sys.argv[3])
-settings = [tuple(map(float, s.split(","))) for s in sys.argv[4:]]
+robust_path, std_path = sys.argv[1], sys.argv[2]
+N, M = int(sys.argv[3]), int(sys.argv[4])
+settings = [tuple(map(float, s.split(","))) for s in sys.argv[5:]]
 
 data = load_split("../shared/datasets/cifar10-jpg.tar.gz", "test", 32, ".data", count=N)
 x_all = data.images.float() / 255
 y_all = data.labels
-defense = load_defended("models/zoo/classifier", "models/zoo/purifier").pipeline.eval().requires_grad_(False)
+defense = load_defended(robust_path, "models/zoo/purifier").pipeline.eval().requires_grad_(False)
 R = defense.classifier
 S, _ = load_model(std_path, "classifier")
 S = S.eval().requires_grad_(False)
@@ -44,14 +44,10 @@ rl, sl = torch.cat(rl), torch.cat(sl)
 print(f"R {(rl.argmax(1) == y_all).float().mean():.4f}  S {(sl.argmax(1) == y_all).float().mean():.4f}")
 
 
-def mix(r: torch.Tensor, s: torch.Tensor, a: float, b: float) -> torch.Tensor:
-    return torch.log((1 - a) * F.softmax(s, 1) + a * F.softmax(b * r, 1))
-
-
 grid = {}
 for a in (0.5, 0.6, 0.7, 0.8, 0.9):
     for b in (1, 2, 4, 8):
-        grid[f"{a},{b}"] = (mix(rl, sl, a, b).argmax(1) == y_all).float().mean().item()
+        grid[f"{a},{b}"] = (mix_log_probabilities(rl, sl, a, b).argmax(1) == y_all).float().mean().item()
 print(json.dumps(grid))
 
 
@@ -61,7 +57,7 @@ class Mixed(nn.Module):
         self.a, self.b = a, b
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return mix(R(z), S(z), self.a, self.b)
+        return mix_log_probabilities(R(z), S(z), self.a, self.b)
 
 
 results = {}

@@ -38,14 +38,21 @@ class Mixture(Members):
 
     def combine(self, logits: list[torch.Tensor]) -> torch.Tensor:
         robust, accurate = logits
-        # In log space (logsumexp of log-weighted log-softmaxes): no log(0) when one member is certain.
-        parts = torch.stack(
-            [
-                torch.log_softmax(self.sharpness * robust, 1) + math.log(self.weight),
-                torch.log_softmax(accurate, 1) + math.log1p(-self.weight),
-            ]
-        )
-        return torch.logsumexp(parts, 0)
+        return mix_log_probabilities(robust, accurate, self.weight, self.sharpness)
+
+
+def mix_log_probabilities(
+    robust: torch.Tensor, accurate: torch.Tensor, weight: float, sharpness: float = 1.0
+) -> torch.Tensor:
+    """log((1 - weight) softmax(accurate) + weight softmax(sharpness robust)) of two members' logits, weight in
+    (0, 1). In log space (logsumexp of log-weighted log-softmaxes): no log(0) when one member is certain."""
+    parts = torch.stack(
+        [
+            torch.log_softmax(sharpness * robust, 1) + math.log(weight),
+            torch.log_softmax(accurate, 1) + math.log1p(-weight),
+        ]
+    )
+    return torch.logsumexp(parts, 0)
 
 
 @CLASSIFIERS.register("mixture")
