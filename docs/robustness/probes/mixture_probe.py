@@ -1,4 +1,4 @@
-"""Probe (2026-12-05): mixing a robust classifier R (v9's served ensemble) with an accurate one S (v1's
+"""Probe (2026-12-05): mixing a robust classifier R (v9's, then v10's, served ensemble) with an accurate one S (v1's
 classifier, trained on clean images) behind the same RT + purifier: out = log((1-a) softmax(S) + a softmax(b R)),
 the `mixture` classifier's formula (its `mix_log_probabilities`). Clean grid on the first N of a class-balanced
 test subset (one RT draw, shared by both), then PGD-EOT 20 x 4 through the whole mixture for each given "a,b"
@@ -45,7 +45,7 @@ print(f"R {(rl.argmax(1) == y_all).float().mean():.4f}  S {(sl.argmax(1) == y_al
 
 
 grid = {}
-for a in (0.5, 0.6, 0.7, 0.8, 0.9):
+for a in (0.5, 0.6, 0.7, 0.8, 0.85, 0.875, 0.9, 0.925, 0.95):  # 0.85-0.95 added for v10 (its robust margin)
     for b in (1, 2, 4, 8):
         grid[f"{a},{b}"] = (mix_log_probabilities(rl, sl, a, b).argmax(1) == y_all).float().mean().item()
 print(json.dumps(grid))
