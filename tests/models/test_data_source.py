@@ -35,9 +35,13 @@ def test_every_command_that_reads_data_defaults_to_a_download(main, argv, capsys
 
 def test_the_default_recipe_trains_every_stage_on_the_local_archive():
     dry_run = subprocess.run(["make", "-n", "train-default"], cwd=REPO, capture_output=True, text=True, check=True)
-    stages = [line for line in dry_run.stdout.splitlines() if "atop-train " in line]
+    commands = dry_run.stdout.replace("\\\n", " ").splitlines()  # make -n keeps the recipe's continued lines
+    stages = [line for line in commands if "atop-train " in line]
     assert len(stages) == 11
     assert all(f"--data-source {ARCHIVE}" in stage for stage in stages)
-    # then the served files: the three classifiers as one, stored in int8, and the purifier stored in fp16
-    steps = [line.split("atop_models.checkpoint ")[1] for line in dry_run.stdout.splitlines() if "checkpoint " in line]
-    assert [step.split()[0] for step in steps] == ["ensemble", "int8", "half"]
+    # then the served files: the three adversarially trained classifiers as one, mixed with the first stage's
+    # (trained on clean images) at the robust share v11 serves, stored in int8, and the purifier stored in fp16
+    steps = [line.split("atop_models.checkpoint ")[1] for line in commands if "checkpoint " in line]
+    assert [step.split()[0] for step in steps] == ["ensemble", "mixture", "int8", "half"]
+    mixture = steps[1].split()
+    assert mixture[3] == "runs/default/classifier/classifier" and mixture[-2:] == ["--weight", "0.875"]
