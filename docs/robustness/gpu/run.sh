@@ -13,7 +13,7 @@
 #   w96-p3-30   widths (96, 384, 384), lr 1.17 (airbench96's ratio), 30 epochs: the candidate, against v8
 # Evaluation of each finished classifier behind the served RT and purifier (models/zoo/purifier): clean on all
 # 10,000, PGD-EOT 20 x 4 on the 512, the classifier served bare under PGD-20 + AutoAttack-rand on the 512, the
-# worst case of PGD-EOT + AutoAttack-rand on the 128; and the served model's (v10's) full-strength pair
+# worst case of PGD-EOT + AutoAttack-rand on the 128; and the served model's (v11's) full-strength pair
 # (PGD-200 x EOT-20, AutoAttack-rand 100 x 20) on those 128 (the first plan's did v8's: docs/robustness/v8/full-128/;
 # the CPU has v9's on 64, where it broke a few images the quick pair did not).
 # Needs: the repository root as working directory, .data/cifar10-jpg.tar.gz and .whl/ (torchattacks) carried.
