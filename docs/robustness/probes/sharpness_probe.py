@@ -1,0 +1,117 @@
+"""Probe (2026-12-05): what sharpening the served mixture's robust member (MixedNUTS's lever) can buy, read off
+two passes of the mixture's own members instead of one full attack per (weight, sharpness) setting.
+
+  clean:  both members' logits behind the served RT + purifier on N class-balanced test images (RT seed 0)
+  attack: AutoAttack-rand (APGD-CE and -DLR, STEPS iterations, EOT E) on the robust member alone through the
+          RT + purifier, on atop-eval's first M images in batches of 8 (resumable: one line per batch); at the
+          clean image and at the point the attack keeps, both members' logits over D fresh RT draws
+  report: per (weight, sharpness), clean accuracy on the N, and on the M the expected robust count (the mean
+          over draws of "right on the clean image and on the attacked one") two ways: with the accurate member
+          as it is at that point (it was not attacked: optimistic), and with it wholly fooled (all its
+          probability on the robust member's strongest wrong class: what an attack on the whole mixture reaches
+          if the one on R alone found R's worst point; the figure to read)
+
+  python docs/robustness/probes/sharpness_probe.py clean MIXTURE N CLEAN.safetensors
+  python docs/robustness/probes/sharpness_probe.py attack MIXTURE M STEPS E D ATTACK.jsonl
+  python docs/robustness/probes/sharpness_probe.py report CLEAN.safetensors ATTACK.jsonl
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from common import SOURCE, ZOO, batches, split
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from atop_models.classifiers.mixture import mix_log_probabilities
+from atop_models.defended import load_defended
+from atop_models.evaluation import named_attacks
+from atop_models.pipeline import DefendedClassifier
+
+EPSILON = 8 / 255  # l_inf, the paper's budget
+BATCH = 8  # atop-eval's batch for the full-strength rows
+WEIGHTS = [0.5 + 0.025 * i for i in range(19)]  # the robust member's share, 0.5 .. 0.95
+SHARPNESS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def members(mixture: str) -> tuple[DefendedClassifier, nn.Module, nn.Module]:
+    """The served RT + purifier with the mixture's robust member as classifier, and both members."""
+    pipeline = load_defended(mixture, f"{ZOO}/purifier").pipeline.eval().requires_grad_(False)
+    robust, accurate = pipeline.classifier.members
+    return DefendedClassifier(pipeline.rt, pipeline.purifier, robust, pipeline.config), robust, accurate
+
+
+@torch.no_grad()
+def both_logits(pipeline: DefendedClassifier, accurate: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """[2, B, classes]: the robust and the accurate member on one RT draw of x, purified."""
+    z = pipeline.purify(x)
+    return torch.stack([pipeline.classifier(z), accurate(z)])
+
+
+def clean(mixture: str, count: int, out: str) -> None:
+    pipeline, _, accurate = members(mixture)
+    data = split("test", count)
+    torch.manual_seed(0)
+    logits = torch.cat([both_logits(pipeline, accurate, x) for x, _ in batches(data)], 1)
+    save_file({"logits": logits, "labels": data.labels}, out)
+
+
+def attack(mixture: str, count: int, steps: int, eot: int, draws: int, out: str) -> None:
+    pipeline, robust, accurate = members(mixture)
+    data = split("test", count)
+    done = {json.loads(line)["batch"] for line in Path(out).read_text().splitlines()} if Path(out).exists() else set()
+    spec = named_attacks.parse("autoattack-rand", steps, steps, eot)
+    for batch, (x, y) in enumerate(batches(data, BATCH)):
+        if batch in done:
+            continue
+        torch.manual_seed(1_000_003 + batch)
+        x_adv = named_attacks.run(spec, pipeline, robust, x, y, "linf", EPSILON, True, batch)
+        record = {"batch": batch, "labels": y.tolist()}
+        for name, images in (("clean", x), ("attacked", x_adv)):
+            logits = torch.stack([both_logits(pipeline, accurate, images) for _ in range(draws)], 1)
+            record[name] = logits.round(decimals=4).tolist()  # [member, draw, B, classes]
+        with open(out, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(f"batch {batch} done", flush=True)
+
+
+def right(logits: torch.Tensor, labels: torch.Tensor, weight: float, sharpness: float, fooled: bool) -> torch.Tensor:
+    """Whether the mixture's answer is the label, for logits [2, ..., classes]; `fooled` puts all the accurate
+    member's probability on the robust member's strongest wrong class."""
+    robust, accurate = logits[0], logits[1]
+    if fooled:
+        wrong = (sharpness * robust).scatter(-1, labels.expand(robust.shape[:-1])[..., None], -torch.inf)
+        accurate = torch.full_like(robust, -1e4).scatter(-1, wrong.argmax(-1, keepdim=True), 0.0)
+    return mix_log_probabilities(robust, accurate, weight, sharpness).argmax(-1) == labels
+
+
+def report(clean_file: str, attack_file: str) -> None:
+    clean_set = load_file(clean_file)
+    records = [json.loads(line) for line in Path(attack_file).read_text().splitlines()]
+    labels = torch.tensor([label for r in records for label in r["labels"]])
+    clean_logits, attacked = (torch.cat([torch.tensor(r[k]) for r in records], 2) for k in ("clean", "attacked"))
+    print(f"{len(clean_set['labels'])} clean images; {len(labels)} attacked, {clean_logits.shape[1]} draws each")
+    print("sharpness weight  clean  robust(accurate as is)  robust(accurate fooled)")
+    for sharpness in SHARPNESS:
+        for weight in WEIGHTS:
+            accuracy = right(clean_set["logits"], clean_set["labels"], weight, sharpness, False).float().mean()
+            kept = right(clean_logits, labels, weight, sharpness, False)
+            robust = [
+                (kept & right(attacked, labels, weight, sharpness, f)).float().mean(0).sum() for f in (False, True)
+            ]
+            print(f"{sharpness:9.1f} {weight:6.3f} {accuracy:6.4f} {robust[0]:23.2f} {robust[1]:24.2f}")
+    robust_alone = (clean_logits[0].argmax(-1) == labels) & (attacked[0].argmax(-1) == labels)
+    print(f"robust member alone: {robust_alone.float().mean(0).sum():.2f} of {len(labels)}; data {SOURCE}")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    command, *arguments = sys.argv[1:]
+    if command == "clean":
+        clean(arguments[0], int(arguments[1]), arguments[2])
+    elif command == "attack":
+        attack(arguments[0], *map(int, arguments[1:5]), arguments[5])
+    else:
+        report(*arguments)
