@@ -61,7 +61,8 @@ def clean(mixture: str, count: int, out: str) -> None:
 def attack(mixture: str, count: int, steps: int, eot: int, draws: int, out: str) -> None:
     pipeline, robust, accurate = members(mixture)
     data = split("test", count)
-    done = {json.loads(line)["batch"] for line in Path(out).read_text().splitlines()} if Path(out).exists() else set()
+    lines = Path(out).read_text().splitlines() if Path(out).exists() else []
+    done = {json.loads(line)["batch"] for line in lines}
     spec = named_attacks.parse("autoattack-rand", steps, steps, eot)
     for batch, (x, y) in enumerate(batches(data, BATCH)):
         if batch in done:
@@ -77,14 +78,14 @@ def attack(mixture: str, count: int, steps: int, eot: int, draws: int, out: str)
         print(f"batch {batch} done", flush=True)
 
 
-def right(logits: torch.Tensor, labels: torch.Tensor, weight: float, sharpness: float, fooled: bool) -> torch.Tensor:
-    """Whether the mixture's answer is the label, for logits [2, ..., classes]; `fooled` puts all the accurate
+def right(logits: torch.Tensor, y: torch.Tensor, weight: float, sharpness: float, fooled: bool) -> torch.Tensor:
+    """Whether the mixture's answer is y, for logits [2, ..., classes]; `fooled` puts all the accurate
     member's probability on the robust member's strongest wrong class."""
     robust, accurate = logits[0], logits[1]
     if fooled:
-        wrong = (sharpness * robust).scatter(-1, labels.expand(robust.shape[:-1])[..., None], -torch.inf)
+        wrong = (sharpness * robust).scatter(-1, y.expand(robust.shape[:-1])[..., None], -torch.inf)
         accurate = torch.full_like(robust, -1e4).scatter(-1, wrong.argmax(-1, keepdim=True), 0.0)
-    return mix_log_probabilities(robust, accurate, weight, sharpness).argmax(-1) == labels
+    return mix_log_probabilities(robust, accurate, weight, sharpness).argmax(-1) == y
 
 
 def report(clean_file: str, attack_file: str) -> None:
