@@ -18,12 +18,14 @@ two passes of the mixture's own members instead of one full attack per (weight, 
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from common import SOURCE, ZOO, batches, split
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
 
 from atop_models.classifiers.mixture import mix_log_probabilities
 from atop_models.defended import load_defended
@@ -34,6 +36,7 @@ EPSILON = 8 / 255  # l_inf, the paper's budget
 BATCH = 8  # atop-eval's batch for the full-strength rows
 WEIGHTS = [0.5 + 0.025 * i for i in range(19)]  # the robust member's share, 0.5 .. 0.95
 SHARPNESS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+Transform = Callable[[torch.Tensor], torch.Tensor]  # of the robust member's logits
 
 
 def members(mixture: str) -> tuple[DefendedClassifier, nn.Module, nn.Module]:
@@ -78,14 +81,29 @@ def attack(mixture: str, count: int, steps: int, eot: int, draws: int, out: str)
         print(f"batch {batch} done", flush=True)
 
 
-def right(logits: torch.Tensor, y: torch.Tensor, weight: float, sharpness: float, fooled: bool) -> torch.Tensor:
+def scaled(sharpness: float) -> Transform:
+    return lambda z: sharpness * z  # the served mixture's sharpness
+
+
+def nonlinear(scale: float, power: float, bias: float) -> Transform:
+    """MixedNUTS's transform of the robust member's logits: scale * clamp(layer_norm(z) + bias) ** power; ReLU as
+    the clamp, so that any power is defined."""
+    return lambda z: scale * torch.relu(F.layer_norm(z, z.shape[-1:]) + bias) ** power
+
+
+TRANSFORMS = {f"scale {s}": scaled(s) for s in SHARPNESS} | {
+    f"LN {c:+} ^{p} x{s}": nonlinear(s, p, c) for s in (1, 2, 4, 8, 16) for p in (1, 2, 3, 4) for c in (-1, 0, 1)
+}
+
+
+def right(logits: torch.Tensor, y: torch.Tensor, weight: float, transform: Transform, fooled: bool) -> torch.Tensor:
     """Whether the mixture's answer is y, for logits [2, ..., classes]; `fooled` puts all the accurate
     member's probability on the robust member's strongest wrong class."""
-    robust, accurate = logits[0], logits[1]
+    robust, accurate = transform(logits[0]), logits[1]
     if fooled:
-        wrong = (sharpness * robust).scatter(-1, y.expand(robust.shape[:-1])[..., None], -torch.inf)
+        wrong = robust.scatter(-1, y.expand(robust.shape[:-1])[..., None], -torch.inf)
         accurate = torch.full_like(robust, -1e4).scatter(-1, wrong.argmax(-1, keepdim=True), 0.0)
-    return mix_log_probabilities(robust, accurate, weight, sharpness).argmax(-1) == y
+    return mix_log_probabilities(robust, accurate, weight).argmax(-1) == y
 
 
 def report(clean_file: str, attack_file: str) -> None:
@@ -94,15 +112,22 @@ def report(clean_file: str, attack_file: str) -> None:
     labels = torch.tensor([label for r in records for label in r["labels"]])
     clean_logits, attacked = (torch.cat([torch.tensor(r[k]) for r in records], 2) for k in ("clean", "attacked"))
     print(f"{len(clean_set['labels'])} clean images; {len(labels)} attacked, {clean_logits.shape[1]} draws each")
-    print("sharpness weight  clean  robust(accurate as is)  robust(accurate fooled)")
-    for sharpness in SHARPNESS:
+    rows = []  # (transform, weight, clean accuracy, robust count with the accurate member as is, and fooled)
+    for name, transform in TRANSFORMS.items():
         for weight in WEIGHTS:
-            accuracy = right(clean_set["logits"], clean_set["labels"], weight, sharpness, False).float().mean()
-            kept = right(clean_logits, labels, weight, sharpness, False)
-            robust = [
-                (kept & right(attacked, labels, weight, sharpness, f)).float().mean(0).sum() for f in (False, True)
-            ]
-            print(f"{sharpness:9.1f} {weight:6.3f} {accuracy:6.4f} {robust[0]:23.2f} {robust[1]:24.2f}")
+            accuracy = right(clean_set["logits"], clean_set["labels"], weight, transform, False).float().mean()
+            kept = right(clean_logits, labels, weight, transform, False)
+            robust = [(kept & right(attacked, labels, weight, transform, f)).float().mean(0).sum() for f in (0, 1)]
+            rows.append((name, weight, accuracy.item(), *(r.item() for r in robust)))
+    line = "{:>14} {:6.3f} {:6.4f} {:22.2f} {:23.2f}".format
+    print(f"{'transform':>14} weight  clean  robust(accurate as is)  robust(accurate fooled)")
+    print("\n".join(line(*row) for row in rows if row[0].startswith("scale")))
+    served = next(row for row in rows if row[:2] == ("scale 1.0", 0.875))
+    print(f"each transform's best (accurate fooled) at no less clean accuracy than the served {served[2]:.4f}:")
+    for name in TRANSFORMS:
+        eligible = [row for row in rows if row[0] == name and row[2] >= served[2]]
+        if eligible:
+            print(line(*max(eligible, key=lambda row: row[4])))
     robust_alone = (clean_logits[0].argmax(-1) == labels) & (attacked[0].argmax(-1) == labels)
     print(f"robust member alone: {robust_alone.float().mean(0).sum():.2f} of {len(labels)}; data {SOURCE}")
 
