@@ -5,7 +5,8 @@ two passes of the mixture's own members instead of one full attack per (weight, 
   attack: AutoAttack-rand (APGD-CE and -DLR, STEPS iterations, EOT E) on the robust member alone through the
           RT + purifier, on atop-eval's first M images in batches of 8 (resumable: one line per batch); at the
           clean image and at the point the attack keeps, both members' logits over D fresh RT draws
-  report: per (weight, sharpness), clean accuracy on the N, and on the M the expected robust count (the mean
+  report: per weight and transform of the robust member's logits (a plain scale, the mixture's sharpness, or
+          MixedNUTS's nonlinear one), clean accuracy on the N, and on the M the expected robust count (the mean
           over draws of "right on the clean image and on the attacked one") two ways: with the accurate member
           as it is at that point (it was not attacked: optimistic), and with it wholly fooled (all its
           probability on the robust member's strongest wrong class: what an attack on the whole mixture reaches
