@@ -4,6 +4,7 @@
   python -m atop_models.checkpoint int8 SOURCE TARGET        # a copy with int8 conv/linear weights (store_rounded)
   python -m atop_models.checkpoint ensemble OUT MEMBER ...    # one classifier of several (save_combined)
   python -m atop_models.checkpoint mixture OUT ROBUST ACCURATE --weight W [--sharpness S]   # (save_combined)
+  python -m atop_models.checkpoint member SOURCE INDEX TARGET   # one member of either, as it is stored (save_member)
 
 A model checkpoint is ``<stem>.safetensors`` (the weights) + ``<stem>.json`` (what to build and how it was
 trained). A training state (optimizers, schedulers, RNG states, counters) is one safetensors file: its nested
@@ -39,6 +40,7 @@ StoredDtype = Literal["float16", "int8"]
 INT8_MIN_VALUES = 8192
 INT8_SCALE = ".int8_scale"
 _BUILDERS = {"classifier": CLASSIFIERS, "purifier": PURIFIERS, "discriminator": DISCRIMINATORS}
+_BUILT_FROM = ("format", "kind", "arch", "arch_kwargs", "weights_sha256")  # what _save_tensors writes anew
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -149,8 +151,7 @@ def store_rounded(source: str | Path, target: str | Path, dtype: StoredDtype) ->
     rest in fp16: about a quarter). A model loaded from the copy computes in fp32 on the rounded weights, so its
     figures are measured on the copy; its record keeps the source's sha256 (`rounded_from`)."""
     model, record = load_model(source, read_config(source)["kind"])  # checks the source's sha256
-    built_from = ("format", "kind", "arch", "arch_kwargs", "weights_sha256")  # _save_tensors writes these anew
-    meta = {key: value for key, value in record.items() if key not in built_from}
+    meta = {key: value for key, value in record.items() if key not in _BUILT_FROM}
     meta |= {"weights_dtype": dtype, "rounded_from": record["weights_sha256"]}
     if dtype not in ("float16", "int8"):
         raise ValueError(f"dtype must be 'float16' or 'int8', got {dtype!r}")
@@ -183,6 +184,28 @@ def save_combined(out: str | Path, arch: str, members: list[str | Path], **setti
     members_records = [{"path": str(path), **record} for path, record in zip(members, records, strict=True)]
     meta = {"classes": records[0]["classes"], "image_size": records[0]["image_size"], "members": members_records}
     return save_model(out, model, "classifier", arch, kwargs, **meta)
+
+
+def save_member(source: str | Path, index: int, target: str | Path) -> Path:
+    """Member `index` of a combined classifier checkpoint (ensemble or mixture) as a checkpoint of its own: its
+    tensors copied as the combined one stores them (an int8 copy stays int8), its record the member's own as the
+    combined record kept it, plus where it came from (`member_of`). How a user serves a mixture's robust member
+    alone from the shipped files."""
+    _, record = load_model(source, "classifier")  # checks the source's sha256 and that it builds
+    if record["arch"] not in ("ensemble", "mixture"):
+        raise ValueError(f"{paths(source)[1]} holds a {record['arch']} classifier, not an ensemble or a mixture")
+    if not 0 <= index < len(record["members"]):
+        raise ValueError(f"member {index} asked for; {paths(source)[1]} has {len(record['members'])} (from 0)")
+    prefix = f"members.{index}."
+    stored = load_file(str(paths(source)[0]))
+    tensors = {name[len(prefix) :]: tensor for name, tensor in stored.items() if name.startswith(prefix)}
+    member = record["members"][index]
+    meta = {key: value for key, value in member.items() if key not in ("path", *_BUILT_FROM)}
+    meta.pop("weights_dtype", None)
+    if "weights_dtype" in record:
+        meta["weights_dtype"] = record["weights_dtype"]
+    meta["member_of"] = {"weights_sha256": record["weights_sha256"], "index": index, "arch": record["arch"]}
+    return _save_tensors(target, tensors, "classifier", member["arch"], member["arch_kwargs"], **meta)
 
 
 @dataclass(frozen=True)
@@ -264,6 +287,10 @@ def main(argv: list[str] | None = None) -> None:
     mixture.add_argument("accurate", help="the accurate member's checkpoint stem")
     mixture.add_argument("--weight", type=float, required=True, help="the robust member's share, in (0, 1)")
     mixture.add_argument("--sharpness", type=float, default=1.0, help="scale of the robust member's logits")
+    member = commands.add_parser("member", help="one member of an ensemble or mixture as its own checkpoint")
+    member.add_argument("source", help="the ensemble's or mixture's checkpoint stem")
+    member.add_argument("index", type=int, help="which member, from 0 (a mixture's robust member is 0)")
+    member.add_argument("target", help="the member's checkpoint stem")
     args = parser.parse_args(argv)
     if args.command in ("half", "int8"):
         dtype: StoredDtype = "float16" if args.command == "half" else "int8"
@@ -271,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{weights}: {weights.stat().st_size / 2**20:.2f} MiB (from {source.stat().st_size / 2**20:.2f})")
     elif args.command == "ensemble":
         print(save_combined(args.out, "ensemble", args.members))
+    elif args.command == "member":
+        print(save_member(args.source, args.index, args.target))
     else:
         members = [args.robust, args.accurate]
         print(save_combined(args.out, "mixture", members, weight=args.weight, sharpness=args.sharpness))

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from atop_models import checkpoint
 from atop_models.classifiers import CLASSIFIERS
@@ -92,15 +93,22 @@ def test_an_ensemble_serves_the_mean_of_its_members_logits(tmp_path):
         checkpoint.save_combined(tmp_path / "bad", "ensemble", [paths[0], odd])
 
 
-def test_a_mixture_serves_log_probabilities_of_its_weighted_members(tmp_path):
+def _two_classifiers(tmp_path, widths: tuple[list[int], list[int]]) -> list:
+    """Two airbench checkpoints of four classes (the weights files' paths), BatchNorm statistics off their
+    initial values."""
     paths = []
-    for i, widths in enumerate(([8, 16, 16], [16, 16, 32])):
+    for i, member_widths in enumerate(widths):
         torch.manual_seed(i)
-        kwargs = {"widths": widths, "num_classes": 4}
+        kwargs = {"widths": member_widths, "num_classes": 4}
         model = CLASSIFIERS.create("airbench", **kwargs)
-        model(torch.rand(8, 3, 32, 32))  # BatchNorm statistics off their initial values
+        model(torch.rand(8, 3, 32, 32))
         meta = {"classes": list("abcd"), "image_size": 32}
         paths.append(checkpoint.save_model(tmp_path / f"m{i}", model, "classifier", "airbench", kwargs, **meta))
+    return paths
+
+
+def test_a_mixture_serves_log_probabilities_of_its_weighted_members(tmp_path):
+    paths = _two_classifiers(tmp_path, ([8, 16, 16], [16, 16, 32]))
     stems = [str(p.with_suffix("")) for p in paths]
     checkpoint.main(["mixture", str(tmp_path / "mix"), *stems, "--weight", "0.7", "--sharpness", "3"])
     mixture, record = checkpoint.load_model(tmp_path / "mix", "classifier")
@@ -121,3 +129,28 @@ def test_a_mixture_serves_log_probabilities_of_its_weighted_members(tmp_path):
     assert mixture.combine([torch.zeros(1, 4), torch.tensor([[0.0, 9.0, 0.0, 0.0]])]).argmax(1).item() == 1
     with pytest.raises(ValueError, match="weight must be in"):
         checkpoint.save_combined(tmp_path / "bad", "mixture", stems, weight=1.0, sharpness=1.0)
+
+
+def test_a_member_comes_out_of_a_combined_checkpoint_as_it_is_stored(tmp_path):
+    paths = _two_classifiers(tmp_path, ([16, 32, 32], [16, 16, 32]))  # 32 x 32 x 3 x 3 convs: int8-sized
+    stems = [str(p.with_suffix("")) for p in paths]
+    checkpoint.save_combined(tmp_path / "mix", "mixture", stems, weight=0.8, sharpness=1.0)
+    checkpoint.main(["member", str(tmp_path / "mix"), "1", str(tmp_path / "accurate")])
+    assert checkpoint.sha256_file(tmp_path / "accurate.safetensors") == checkpoint.sha256_file(paths[1])
+
+    checkpoint.store_rounded(tmp_path / "mix", tmp_path / "mix8", "int8")
+    checkpoint.save_member(tmp_path / "mix8", 0, tmp_path / "robust8")
+    robust, record = checkpoint.load_model(tmp_path / "robust8", "classifier")
+    mixture, mixture_record = checkpoint.load_model(tmp_path / "mix8", "classifier")
+    assert record["weights_dtype"] == "int8" and record["member_of"]["index"] == 0
+    assert record["member_of"]["weights_sha256"] == mixture_record["weights_sha256"]
+    stored = load_file(tmp_path / "robust8.safetensors")
+    assert any(tensor.dtype == torch.int8 for tensor in stored.values())  # not widened on the way out
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(robust.eval()(x), mixture.eval().robust(x))
+
+    with pytest.raises(ValueError, match="member 2 asked for"):
+        checkpoint.save_member(tmp_path / "mix8", 2, tmp_path / "none")
+    with pytest.raises(ValueError, match="not an ensemble or a mixture"):
+        checkpoint.save_member(paths[0], 0, tmp_path / "none")

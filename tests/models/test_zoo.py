@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from atop_models.checkpoint import read_config, sha256_file
+from atop_models.checkpoint import read_config, save_member, sha256_file
 from atop_models.data import load_split
 from atop_models.evaluation.defenses import Checkpoints, build
 from atop_models.evaluation.statistics import accuracy, predictions
@@ -91,6 +91,12 @@ def test_shipped_checkpoints_share_one_lineage():
     # classifier's image size; every stage it descends from is recorded, down to the first pretraining.
     assert atop["rt"] == atop["recipe"]["rt"] and atop["image_size"] == classifier["image_size"]
     assert PRETRAINED_PURIFIER in _hashes(atop["lineage"]) and atop["classes"] == classifier["classes"]
+
+
+def test_the_mixture_holds_v10s_classifier_bit_for_bit(tmp_path):
+    """The docs tell users who want v10 to take the mixture's robust member out of the shipped files."""
+    robust = save_member(CHECKPOINTS.classifier, 0, tmp_path / "v10")
+    assert sha256_file(robust) == V10_ENSEMBLE
 
 
 def test_published_figures_were_measured_on_the_shipped_models():
