@@ -14,7 +14,7 @@ two passes of the mixture's own members instead of one full attack per (weight, 
 
   python docs/robustness/probes/sharpness_probe.py clean MIXTURE N CLEAN.safetensors
   python docs/robustness/probes/sharpness_probe.py attack MIXTURE M STEPS E D ATTACK.jsonl
-  python docs/robustness/probes/sharpness_probe.py report CLEAN.safetensors ATTACK.jsonl
+  python docs/robustness/probes/sharpness_probe.py report CLEAN.safetensors ATTACK.jsonl [PLOT.png]
 """
 
 import json
@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import SOURCE, ZOO, batches, split
+from common import ZOO, batches, split
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
@@ -37,6 +37,7 @@ EPSILON = 8 / 255  # l_inf, the paper's budget
 BATCH = 8  # atop-eval's batch for the full-strength rows
 WEIGHTS = [0.5 + 0.025 * i for i in range(19)]  # the robust member's share, 0.5 .. 0.95
 SHARPNESS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+BOTH = (False, True)  # the accurate member as it is, then wholly fooled
 Transform = Callable[[torch.Tensor], torch.Tensor]  # of the robust member's logits
 
 
@@ -97,17 +98,17 @@ TRANSFORMS = {f"scale {s}": scaled(s) for s in SHARPNESS} | {
 }
 
 
-def right(logits: torch.Tensor, y: torch.Tensor, weight: float, transform: Transform, fooled: bool) -> torch.Tensor:
-    """Whether the mixture's answer is y, for logits [2, ..., classes]; `fooled` puts all the accurate
-    member's probability on the robust member's strongest wrong class."""
-    robust, accurate = transform(logits[0]), logits[1]
+def right(pair: torch.Tensor, y: torch.Tensor, weight: float, transform: Transform, fooled: bool) -> torch.Tensor:
+    """Whether the mixture's answer is y, for both members' logits `pair` [2, ..., classes]; `fooled` puts all the
+    accurate member's probability on the robust member's strongest wrong class."""
+    robust, accurate = transform(pair[0]), pair[1]
     if fooled:
         wrong = robust.scatter(-1, y.expand(robust.shape[:-1])[..., None], -torch.inf)
         accurate = torch.full_like(robust, -1e4).scatter(-1, wrong.argmax(-1, keepdim=True), 0.0)
     return mix_log_probabilities(robust, accurate, weight).argmax(-1) == y
 
 
-def report(clean_file: str, attack_file: str) -> None:
+def report(clean_file: str, attack_file: str, png: str = "") -> None:
     clean_set = load_file(clean_file)
     records = [json.loads(line) for line in Path(attack_file).read_text().splitlines()]
     labels = torch.tensor([label for r in records for label in r["labels"]])
@@ -118,7 +119,7 @@ def report(clean_file: str, attack_file: str) -> None:
         for weight in WEIGHTS:
             accuracy = right(clean_set["logits"], clean_set["labels"], weight, transform, False).float().mean()
             kept = right(clean_logits, labels, weight, transform, False)
-            robust = [(kept & right(attacked, labels, weight, transform, f)).float().mean(0).sum() for f in (0, 1)]
+            robust = [(kept & right(attacked, labels, weight, transform, f)).float().mean(0).sum() for f in BOTH]
             rows.append((name, weight, accuracy.item(), *(r.item() for r in robust)))
     line = "{:>14} {:6.3f} {:6.4f} {:22.2f} {:23.2f}".format
     print(f"{'transform':>14} weight  clean  robust(accurate as is)  robust(accurate fooled)")
@@ -129,8 +130,47 @@ def report(clean_file: str, attack_file: str) -> None:
         eligible = [row for row in rows if row[0] == name and row[2] >= served[2]]
         if eligible:
             print(line(*max(eligible, key=lambda row: row[4])))
-    robust_alone = (clean_logits[0].argmax(-1) == labels) & (attacked[0].argmax(-1) == labels)
-    print(f"robust member alone: {robust_alone.float().mean(0).sum():.2f} of {len(labels)}; data {SOURCE}")
+    alone = ((clean_logits[0].argmax(-1) == labels) & (attacked[0].argmax(-1) == labels)).float().mean(0).sum()
+    alone_clean = (clean_set["logits"][0].argmax(-1) == clean_set["labels"]).float().mean().item()
+    print(f"robust member alone: {alone_clean:.4f} clean, {alone:.2f} of {len(labels)} robust")
+    if png:
+        plot(rows, (alone_clean, alone.item()), len(labels), png)
+
+
+def plot(rows: list[tuple], alone: tuple[float, float], images: int, png: str) -> None:
+    """Robust (the accurate member fooled) against clean accuracy: a line over the weights per plain scale, the
+    MixedNUTS transforms as dots, the robust member alone and the served setting marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    percent = 100 / images
+    figure, axes = plt.subplots(figsize=(7.5, 5))
+    nonlinear = [row for row in rows if not row[0].startswith("scale")]
+    axes.scatter(
+        [100 * r[2] for r in nonlinear],
+        [percent * r[4] for r in nonlinear],
+        s=4,
+        c="0.75",
+        label=("MixedNUTS transforms (60 x 19 weights)"),
+    )
+    for sharpness in SHARPNESS:
+        mine = [row for row in rows if row[0] == f"scale {sharpness}"]
+        axes.plot(
+            [100 * r[2] for r in mine], [percent * r[4] for r in mine], marker=".", label=f"sharpness {sharpness}"
+        )
+    served = next(row for row in rows if row[:2] == ("scale 1.0", 0.875))
+    axes.plot(100 * served[2], percent * served[4], "k*", markersize=12, label="v11 (weight 0.875, sharpness 1)")
+    axes.plot(100 * alone[0], percent * alone[1], "ks", label="robust member alone (v10)")
+    axes.axvline(85, color="0.5", linestyle=":")
+    axes.axhline(35, color="0.5", linestyle=":")
+    axes.set_xlabel("clean accuracy behind RT + purifier, 2,000 test images (%)")
+    axes.set_ylabel(f"robust (%, {images} images): AutoAttack-rand 100 x 4,\naccurate member wholly fooled")
+    axes.set_title("Mixing v10's ensemble with v1's classifier: sharpening does not move the trade")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(png, dpi=120)
 
 
 if __name__ == "__main__":
