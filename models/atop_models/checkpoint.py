@@ -4,7 +4,7 @@
   python -m atop_models.checkpoint int8 SOURCE TARGET        # a copy with int8 conv/linear weights (store_rounded)
   python -m atop_models.checkpoint ensemble OUT MEMBER ...    # one classifier of several (save_combined)
   python -m atop_models.checkpoint mixture OUT ROBUST ACCURATE --weight W [--sharpness S]   # (save_combined)
-  python -m atop_models.checkpoint member SOURCE INDEX TARGET   # one member of either, as it is stored (save_member)
+  python -m atop_models.checkpoint member SOURCE INDEX TARGET    # one member of either, as stored (save_member)
 
 A model checkpoint is ``<stem>.safetensors`` (the weights) + ``<stem>.json`` (what to build and how it was
 trained). A training state (optimizers, schedulers, RNG states, counters) is one safetensors file: its nested
