@@ -11,10 +11,13 @@ two passes of the mixture's own members instead of one full attack per (weight, 
           as it is at that point (it was not attacked: optimistic), and with it wholly fooled (all its
           probability on the robust member's strongest wrong class: what an attack on the whole mixture reaches
           if the one on R alone found R's worst point; the figure to read)
+  check:  that estimate at one setting against a direct attack on that mixture (atop-eval's results.json of the
+          same M images), image by image
 
   python docs/robustness/probes/sharpness_probe.py clean MIXTURE N CLEAN.safetensors
   python docs/robustness/probes/sharpness_probe.py attack MIXTURE M STEPS E D ATTACK.jsonl
   python docs/robustness/probes/sharpness_probe.py report CLEAN.safetensors ATTACK.jsonl [PLOT.png]
+  python docs/robustness/probes/sharpness_probe.py check ATTACK.jsonl RESULTS.json WEIGHT SHARPNESS
 """
 
 import json
@@ -31,6 +34,7 @@ from torch.nn import functional as F
 from atop_models.classifiers.mixture import mix_log_probabilities
 from atop_models.defended import load_defended
 from atop_models.evaluation import named_attacks
+from atop_models.evaluation.compare import worst_mask
 from atop_models.pipeline import DefendedClassifier
 
 EPSILON = 8 / 255  # l_inf, the paper's budget
@@ -108,11 +112,31 @@ def right(pair: torch.Tensor, y: torch.Tensor, weight: float, transform: Transfo
     return mix_log_probabilities(robust, accurate, weight).argmax(-1) == y
 
 
-def report(clean_file: str, attack_file: str, png: str = "") -> None:
-    clean_set = load_file(clean_file)
+def attacked_logits(attack_file: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attack's labels [M] and both members' logits [2, draws, M, classes] at the clean and attacked images."""
     records = [json.loads(line) for line in Path(attack_file).read_text().splitlines()]
     labels = torch.tensor([label for r in records for label in r["labels"]])
     clean_logits, attacked = (torch.cat([torch.tensor(r[k]) for r in records], 2) for k in ("clean", "attacked"))
+    return labels, clean_logits, attacked
+
+
+def check(attack_file: str, results_file: str, weight: float, sharpness: float) -> None:
+    """The estimate (accurate member fooled) at one setting against a direct attack on that mixture, image by
+    image: the direct attack's per-image worst case over its rows (atop-eval's results.json, the same images)."""
+    labels, clean_logits, attacked = attacked_logits(attack_file)
+    transform = scaled(sharpness)
+    kept = right(clean_logits, labels, weight, transform, False)
+    share = (kept & right(attacked, labels, weight, transform, True)).float().mean(0)  # of the draws, per image
+    direct = torch.tensor(worst_mask(json.loads(Path(results_file).read_text()), "rt+atop"))
+    print(f"estimate {share.sum():.2f}, direct attack {direct.sum()} of {len(labels)}")
+    for name, images in (("never", share == 0), ("sometimes", (share > 0) & (share < 1)), ("always", share == 1)):
+        held = int(direct[images].sum())
+        print(f"right on {name:>9} of the draws: {images.sum():3d} images; the direct attack keeps {held}")
+
+
+def report(clean_file: str, attack_file: str, png: str = "") -> None:
+    clean_set = load_file(clean_file)
+    labels, clean_logits, attacked = attacked_logits(attack_file)
     print(f"{len(clean_set['labels'])} clean images; {len(labels)} attacked, {clean_logits.shape[1]} draws each")
     rows = []  # (transform, weight, clean accuracy, robust count with the accurate member as is, and fooled)
     for name, transform in TRANSFORMS.items():
@@ -180,5 +204,7 @@ if __name__ == "__main__":
         clean(arguments[0], int(arguments[1]), arguments[2])
     elif command == "attack":
         attack(arguments[0], *map(int, arguments[1:5]), arguments[5])
+    elif command == "check":
+        check(arguments[0], arguments[1], float(arguments[2]), float(arguments[3]))
     else:
         report(*arguments)
