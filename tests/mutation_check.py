@@ -406,10 +406,9 @@ BREAKAGES = [
         "a member taken out of a quantized checkpoint is widened to fp32",
         "models/atop_models/checkpoint.py",
         (
-            ("    stored = load_file(str(paths(source)[0]))\n", "    stored = model.state_dict()\n"),
             (
-                '    _, record = load_model(source, "classifier")',
-                '    model, record = load_model(source, "classifier")',
+                "    stored = _checked_tensors(source, record)\n",
+                '    stored = load_model(source, "classifier")[0].state_dict()\n',
             ),
         ),
         "tests/models/test_classifiers.py::test_a_member_comes_out_of_a_combined_checkpoint_as_it_is_stored",

@@ -108,17 +108,22 @@ def load_model(stem: str | Path, kind: str, map_location: str | torch.device = "
     record = read_config(stem)
     if record["kind"] != kind:
         raise ValueError(f"{paths(stem)[1]} holds a {record['kind']}, not a {kind}")
-    weights, _ = paths(stem)
-    if sha256_file(weights) != record["weights_sha256"]:
-        raise ValueError(f"{weights} does not match the sha256 in its config: corrupted or replaced")
     model = _BUILDERS[kind].create(record["arch"], **record["arch_kwargs"])
-    tensors = load_file(str(weights), device=str(map_location))
+    tensors = _checked_tensors(stem, record, map_location)
     if record.get("weights_dtype") == "int8":
         tensors = {name: tensor for name, tensor in tensors.items() if not name.endswith(INT8_SCALE)} | {
             name: dequantize_int8(q, scale) for name, (q, scale) in int8_weights(tensors).items()
         }
     model.load_state_dict(tensors)
     return model, record
+
+
+def _checked_tensors(stem: str | Path, record: dict, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint stores, as stored, once its weights file matches the sha256 its record holds."""
+    weights, _ = paths(stem)
+    if sha256_file(weights) != record["weights_sha256"]:
+        raise ValueError(f"{weights} does not match the sha256 in its config: corrupted or replaced")
+    return load_file(str(weights), device=str(device))
 
 
 def int8_weights(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -191,19 +196,17 @@ def save_member(source: str | Path, index: int, target: str | Path) -> Path:
     tensors copied as the combined one stores them (an int8 copy stays int8), its record the member's own as the
     combined record kept it, plus where it came from (`member_of`). How a user serves a mixture's robust member
     alone from the shipped files."""
-    _, record = load_model(source, "classifier")  # checks the source's sha256 and that it builds
-    if record["arch"] not in ("ensemble", "mixture"):
-        raise ValueError(f"{paths(source)[1]} holds a {record['arch']} classifier, not an ensemble or a mixture")
+    record = read_config(source)
+    if record["kind"] != "classifier" or record["arch"] not in ("ensemble", "mixture"):
+        raise ValueError(f"{paths(source)[1]} holds a {record['arch']} {record['kind']}, not an ensemble or a mixture")
     if not 0 <= index < len(record["members"]):
         raise ValueError(f"member {index} asked for; {paths(source)[1]} has {len(record['members'])} (from 0)")
     prefix = f"members.{index}."
-    stored = load_file(str(paths(source)[0]))
+    stored = _checked_tensors(source, record)
     tensors = {name[len(prefix) :]: tensor for name, tensor in stored.items() if name.startswith(prefix)}
     member = record["members"][index]
-    meta = {key: value for key, value in member.items() if key not in ("path", *_BUILT_FROM)}
-    meta.pop("weights_dtype", None)
-    if "weights_dtype" in record:
-        meta["weights_dtype"] = record["weights_dtype"]
+    meta = {key: value for key, value in member.items() if key not in ("path", "weights_dtype", *_BUILT_FROM)}
+    meta |= {key: record[key] for key in ("weights_dtype",) if key in record}  # how the tensors are stored now
     meta["member_of"] = {"weights_sha256": record["weights_sha256"], "index": index, "arch": record["arch"]}
     return _save_tensors(target, tensors, "classifier", member["arch"], member["arch_kwargs"], **meta)
 

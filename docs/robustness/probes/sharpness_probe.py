@@ -120,13 +120,24 @@ def attacked_logits(attack_file: str) -> tuple[torch.Tensor, torch.Tensor, torch
     return labels, clean_logits, attacked
 
 
+def kept_share(
+    labels: torch.Tensor,
+    clean_logits: torch.Tensor,
+    attacked: torch.Tensor,
+    weight: float,
+    transform: Transform,
+    fooled: bool,
+) -> torch.Tensor:
+    """Per image, the share of draws on which the mixture is right on the clean image and on the attacked one."""
+    kept = right(clean_logits, labels, weight, transform, False)
+    return (kept & right(attacked, labels, weight, transform, fooled)).float().mean(0)
+
+
 def check(attack_file: str, results_file: str, weight: float, sharpness: float) -> None:
     """The estimate (accurate member fooled) at one setting against a direct attack on that mixture, image by
     image: the direct attack's per-image worst case over its rows (atop-eval's results.json, the same images)."""
     labels, clean_logits, attacked = attacked_logits(attack_file)
-    transform = scaled(sharpness)
-    kept = right(clean_logits, labels, weight, transform, False)
-    share = (kept & right(attacked, labels, weight, transform, True)).float().mean(0)  # of the draws, per image
+    share = kept_share(labels, clean_logits, attacked, weight, scaled(sharpness), True)
     direct = torch.tensor(worst_mask(json.loads(Path(results_file).read_text()), "rt+atop"))
     print(f"estimate {share.sum():.2f}, direct attack {direct.sum()} of {len(labels)}")
     for name, images in (("never", share == 0), ("sometimes", (share > 0) & (share < 1)), ("always", share == 1)):
@@ -142,8 +153,7 @@ def report(clean_file: str, attack_file: str, png: str = "") -> None:
     for name, transform in TRANSFORMS.items():
         for weight in WEIGHTS:
             accuracy = right(clean_set["logits"], clean_set["labels"], weight, transform, False).float().mean()
-            kept = right(clean_logits, labels, weight, transform, False)
-            robust = [(kept & right(attacked, labels, weight, transform, f)).float().mean(0).sum() for f in BOTH]
+            robust = [kept_share(labels, clean_logits, attacked, weight, transform, f).sum() for f in BOTH]
             rows.append((name, weight, accuracy.item(), *(r.item() for r in robust)))
     line = "{:>14} {:6.3f} {:6.4f} {:22.2f} {:23.2f}".format
     print(f"{'transform':>14} weight  clean  robust(accurate as is)  robust(accurate fooled)")
